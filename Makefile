@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# A short real run on the built-in synthetic data set; override with `make train ARGS="loss=focal"`.
+ARGS ?=
+
+.PHONY: install train test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing glint-lightning and its dependencies into $(VENV) (log: $(VENV)/pip.log)"
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev]' > $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
+	$(PY) -c "import glint_lightning, torch, lightning, hydra, h5py, torchmetrics"
+	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m glint_lightning.train +experiment=quickstart $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) outputs/cache .pytest_cache

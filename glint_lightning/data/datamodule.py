@@ -1,0 +1,175 @@
+"""LightningDataModule over HDF5 tile files: separate split files, or one file with split fractions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from glint_lightning.data.augment import AugmentConfig, augment_batch
+from glint_lightning.data.demo import cached_demo, demo_folder
+from glint_lightning.data.h5 import H5Tiles, TileKeys, depth_statistics, inspect_tile_file
+from glint_lightning.errors import GlintError
+from glint_lightning.seeding import STREAM_AUGMENT, STREAM_SHUFFLE, derive_seed
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A permutation keyed to (seed, epoch): resuming at epoch e replays exactly epoch e's order.
+
+    Lightning calls `set_epoch` at the start of every training epoch.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_SHUFFLE, self.epoch))
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class GlintDataModule(L.LightningDataModule):
+    """Train/val/test tiles from HDF5, normalisation statistics from the training file, train-time augmentation.
+
+    With no `train_path` and a `demo` block, the built-in synthetic set is generated once into `demo.cache_dir`.
+    """
+
+    def __init__(
+        self,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.0,
+        split_seed: int = 0,
+        keys: Mapping[str, str | None] | None = None,
+        depth_scale: float | None = None,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        augment: Mapping[str, Any] | None = None,
+        norm_samples: int = 256,
+        seed: int = 0,
+        demo: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1:
+            raise GlintError(f"data.batch_size={batch_size}; use a positive batch size (e.g. data.batch_size=16)")
+        if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+            raise GlintError(
+                f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each must be in [0, 1) "
+                "and together below 1"
+            )
+        self.demo = dict(demo) if demo else None
+        if train_path is None:
+            if self.demo is None:
+                raise GlintError("data.train_path is not set; pass data.train_path=/path/train.h5 (or use data=demo)")
+            folder = demo_folder(**self.demo)
+            train_path = str(folder / "train.h5")
+            val_path = str(folder / "val.h5") if self.demo["n_val"] else None
+            test_path = str(folder / "test.h5") if self.demo["n_test"] else None
+        self.paths = {"train": train_path, "val": val_path, "test": test_path}
+        self.keys = TileKeys(**(keys or {}))
+        self.augment = AugmentConfig(**(augment or {}))
+        self.depth_scale = depth_scale
+        self.seed = seed
+        self.datasets: dict[str, H5Tiles] = {}
+        self.depth_stats: tuple[float, float] | None = None
+
+    def prepare_data(self) -> None:
+        if self.demo is not None and self.hparams.train_path is None:
+            cached_demo(**self.demo)
+
+    def _split_indices(self, n: int) -> dict[str, np.ndarray]:
+        """Indices per split of the training file, drawn with `split_seed` (only for splits without a file)."""
+        order = np.random.default_rng(self.hparams.split_seed).permutation(n)
+        n_val = 0 if self.paths["val"] else int(round(n * self.hparams.val_fraction))
+        n_test = 0 if self.paths["test"] else int(round(n * self.hparams.test_fraction))
+        return {
+            "val": np.sort(order[:n_val]),
+            "test": np.sort(order[n_val : n_val + n_test]),
+            "train": np.sort(order[n_val + n_test :]),
+        }
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        info = inspect_tile_file(self.paths["train"], self.keys, self.depth_scale)
+        split = self._split_indices(info.n)
+        self.datasets["train"] = H5Tiles(info, self.keys, split["train"])
+        for name in ("val", "test"):
+            if self.paths[name]:
+                self.datasets[name] = H5Tiles(inspect_tile_file(self.paths[name], self.keys, self.depth_scale), self.keys)
+            elif len(split[name]):
+                self.datasets[name] = H5Tiles(info, self.keys, split[name])
+        for name, ds in self.datasets.items():
+            if len(ds) == 0:
+                raise GlintError(
+                    f"{ds.info.path}: the {name} split is empty; add tiles or change data.val_fraction/test_fraction"
+                )
+        if "val" not in self.datasets:
+            raise GlintError(
+                f"{self.paths['train']}: no validation tiles; set data.val_path=... or data.val_fraction>0"
+            )
+        self.depth_stats = depth_statistics(self.datasets["train"], self.hparams.norm_samples)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data summary written next to the run: files, split sizes, normalisation statistics."""
+        return {
+            "splits": {k: {"path": ds.info.path, "tiles": len(ds)} for k, ds in self.datasets.items()},
+            "depth_mean_mm": self.depth_stats[0] if self.depth_stats else None,
+            "depth_std_mm": self.depth_stats[1] if self.depth_stats else None,
+        }
+
+    def save_description(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.describe(), indent=1))
+
+    def has_split(self, name: str) -> bool:
+        return name in self.datasets
+
+    def _loader(self, name: str, train: bool) -> DataLoader:
+        ds = self.datasets[name]
+        workers = self.hparams.num_workers
+        return DataLoader(
+            ds,
+            batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
+            sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
+            drop_last=train and len(ds) > self.hparams.batch_size,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.datasets:
+            raise GlintError("no test split; set data.test_path=... or data.test_fraction>0")
+        return self._loader("test", train=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return batch
+        device = batch["depth"].device
+        g = torch.Generator(device=device if device.type == "cuda" else "cpu")
+        g.manual_seed(derive_seed(self.seed, STREAM_AUGMENT, trainer.global_step))
+        return augment_batch(batch, self.augment, g)

@@ -1,0 +1,151 @@
+"""HDF5 depth tiles read on demand: one file handle per process, opened lazily inside each DataLoader worker."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from glint_lightning.errors import GlintError
+
+DEPTH_DTYPES = (np.float32, np.float16, np.float64, np.uint16)
+MASK_CHECK_BLOCK = 256  # tiles per read when checking mask values: bounded memory for files larger than RAM
+
+
+@dataclass(frozen=True)
+class TileKeys:
+    depth: str = "depth"
+    mask: str = "mask"
+    valid: str | None = "valid"  # optional: when absent from the file, depth 0 or NaN marks invalid pixels
+
+
+@dataclass(frozen=True)
+class TileFileInfo:
+    path: str
+    n: int
+    height: int
+    width: int
+    scale: float  # millimetres per stored unit
+    has_valid: bool
+
+
+def _open(path: str | os.PathLike) -> h5py.File:
+    p = Path(path)
+    if not p.is_file():
+        raise GlintError(f"{p}: no such file; check the path (e.g. data.train_path=/abs/path/train.h5)")
+    try:
+        return h5py.File(p, "r")
+    except OSError as err:
+        raise GlintError(f"{p}: cannot be read as HDF5 ({err}); pass an HDF5 tile file") from None
+
+
+def inspect_tile_file(path: str | os.PathLike, keys: TileKeys, depth_scale: float | None = None) -> TileFileInfo:
+    """Check keys, ranks, shapes, dtypes and mask values; raise GlintError naming the file, key and fix."""
+    with _open(path) as f:
+        for key in (keys.depth, keys.mask):
+            if key not in f:
+                raise GlintError(
+                    f"{path}: no dataset '{key}' (found {sorted(f.keys())}); set data.keys.depth/data.keys.mask"
+                )
+        depth, mask = f[keys.depth], f[keys.mask]
+        if depth.ndim == 4 and depth.shape[1] == 1:
+            dshape = (depth.shape[0], *depth.shape[2:])
+        elif depth.ndim == 3:
+            dshape = depth.shape
+        else:
+            raise GlintError(f"{path}: '{keys.depth}' has shape {depth.shape}; expected (N, H, W) or (N, 1, H, W)")
+        if depth.dtype.type not in DEPTH_DTYPES:
+            raise GlintError(f"{path}: '{keys.depth}' has dtype {depth.dtype}; expected float32, float16 or uint16")
+        if tuple(mask.shape) != tuple(dshape):
+            raise GlintError(
+                f"{path}: '{keys.mask}' has shape {mask.shape} but '{keys.depth}' has {depth.shape}; "
+                "masks must be (N, H, W) with the same N, H, W as the depth tiles"
+            )
+        has_valid = keys.valid is not None and keys.valid in f
+        if has_valid and tuple(f[keys.valid].shape) != tuple(dshape):
+            raise GlintError(f"{path}: '{keys.valid}' has shape {f[keys.valid].shape}; expected {dshape}")
+        for start in range(0, mask.shape[0], MASK_CHECK_BLOCK):
+            block = mask[start : start + MASK_CHECK_BLOCK]
+            bad = (block != 0) & (block != 1)
+            if bad.any():
+                i = start + int(np.argwhere(bad)[0][0])
+                raise GlintError(
+                    f"{path}: '{keys.mask}' tile {i} has values {np.unique(block[bad])[:5].tolist()} outside "
+                    "{0, 1}; store binary masks (e.g. mask = mask > 0)"
+                )
+        scale = depth_scale if depth_scale is not None else float(depth.attrs.get("scale", 1.0))
+        return TileFileInfo(str(path), int(dshape[0]), int(dshape[1]), int(dshape[2]), scale, has_valid)
+
+
+class H5Tiles(Dataset):
+    """Tiles `indices` of one HDF5 file as dicts of depth (mm, float32), mask (float32) and valid (bool) tensors.
+
+    The h5py handle is opened on first access in the process that reads (each DataLoader worker has its own),
+    never before a fork: h5py handles shared across processes corrupt reads.
+    """
+
+    def __init__(self, info: TileFileInfo, keys: TileKeys, indices: np.ndarray | None = None) -> None:
+        self.info, self.keys = info, keys
+        self.indices = np.arange(info.n) if indices is None else np.asarray(indices, dtype=np.int64)
+        self._file: h5py.File | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": None}
+
+    def _handle(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.info.path, "r"), os.getpid()
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw arrays of tile i (file order): depth in mm with non-finite values as 0, mask, valid."""
+        f = self._handle()
+        depth = np.asarray(f[self.keys.depth][i], dtype=np.float32).reshape(self.info.height, self.info.width)
+        if self.info.scale != 1.0:
+            depth *= self.info.scale
+        finite = np.isfinite(depth)
+        if self.info.has_valid:
+            valid = np.asarray(f[self.keys.valid][i], dtype=bool) & finite
+        else:
+            valid = finite & (depth != 0)
+        depth[~finite] = 0.0
+        mask = np.asarray(f[self.keys.mask][i], dtype=np.float32)
+        return depth, mask, valid
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        depth, mask, valid = self.read(int(self.indices[item]))
+        return {
+            "depth": torch.from_numpy(depth)[None],
+            "mask": torch.from_numpy(mask)[None],
+            "valid": torch.from_numpy(valid)[None],
+        }
+
+
+def depth_statistics(dataset: H5Tiles, max_tiles: int) -> tuple[float, float]:
+    """Mean and std (mm) of valid depth over up to `max_tiles` evenly spaced tiles: cheap, deterministic."""
+    picks = np.unique(np.linspace(0, len(dataset) - 1, num=min(max_tiles, len(dataset))).astype(int))
+    total = total_sq = count = 0.0
+    for i in picks:
+        depth, _, valid = dataset.read(int(dataset.indices[i]))
+        values = depth[valid].astype(np.float64)
+        total, total_sq, count = total + values.sum(), total_sq + (values**2).sum(), count + values.size
+    dataset.close()
+    if count == 0:
+        raise GlintError(f"{dataset.info.path}: no valid depth pixel in the sampled tiles (all 0, NaN or inf)")
+    mean = total / count
+    std = max((total_sq / count - mean**2) ** 0.5, 1e-6)
+    return float(mean), float(std)

@@ -1,0 +1,134 @@
+"""`python -m glint_lightning.train [overrides]`: train, checkpoint, resume, and test at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from glint_lightning.errors import GlintError, exit_on_user_error
+from glint_lightning.metrics import check_metric
+from glint_lightning.module import GlintModule
+from glint_lightning.resume import check_resumable, resolve_ckpt_path
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast, with one line, on options that would otherwise fail late or silently."""
+    check_metric("optimized_metric", cfg.optimized_metric)
+    for name, cb in (cfg.get("callbacks") or {}).items():
+        if cb is not None and cb.get("monitor"):
+            check_metric(f"callbacks.{name}.monitor", cb.monitor, cb.get("mode"))
+    lr = cfg.optimizer.get("lr")
+    if lr is None or not lr > 0:
+        raise GlintError(f"optimizer.lr={lr}; the learning rate must be positive (e.g. optimizer.lr=1e-3)")
+    if not cfg.data.batch_size or cfg.data.batch_size < 1:
+        raise GlintError(f"data.batch_size={cfg.data.batch_size}; use a positive batch size (e.g. data.batch_size=16)")
+    if cfg.trainer.get("max_epochs") is not None and cfg.trainer.max_epochs < 1:
+        raise GlintError(f"trainer.max_epochs={cfg.trainer.max_epochs}; train for at least one epoch")
+
+
+def build_module(cfg: DictConfig) -> GlintModule:
+    """The LightningModule from plain data only (what checkpoints store and weights_only loading accepts)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return GlintModule(
+        model=plain["model"],
+        loss=plain["loss"],
+        optimizer=plain["optimizer"],
+        scheduler=plain.get("scheduler"),
+        threshold=plain["threshold"],
+        ap_bins=plain["ap_bins"],
+        seed=plain["seed"],
+        config={k: v for k, v in plain.items() if k != "hydra"},
+    )
+
+
+def _monitoring_checkpoint(trainer: L.Trainer, metric: str) -> ModelCheckpoint | None:
+    return next((cb for cb in trainer.checkpoint_callbacks if cb.monitor == metric), None)
+
+
+def _float_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: round(float(v), 6) for k, v in sorted(metrics.items())}
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Train as configured; returns the best value of `optimized_metric` (for sweepers), or None."""
+    check_config(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir, Path(cfg.paths.outputs_root))
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg)
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, module.hparams.model)
+    else:
+        module.set_depth_stats(*datamodule.depth_stats)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    datamodule.save_description(run_dir / "data.json")
+
+    callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if trainer.interrupted:
+        raise GlintError(f"training was interrupted; resume with hydra.run.dir={run_dir} ckpt_path=last")
+
+    best_cb = _monitoring_checkpoint(trainer, cfg.optimized_metric)
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "epochs": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "best_checkpoint": best_cb.best_model_path if best_cb else None,
+        "last_checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").is_file() else None,
+        "optimized_metric": cfg.optimized_metric,
+        "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
+        "final": _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}),
+    }
+    if cfg.get("test") and datamodule.has_split("test"):
+        best = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        summary["test"] = _float_metrics(results[0]) if results else {}
+    (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary)
+
+    score = summary["best_score"]
+    if score is None:
+        score = summary["final"].get(cfg.optimized_metric)
+    return None if score is None or math.isnan(score) else score
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    final = summary["final"]
+    val = "  ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("val/"))
+    lines = [
+        f"run dir:         {summary['run_dir']}",
+        f"best checkpoint: {summary['best_checkpoint']} ({summary['optimized_metric']}={summary['best_score']})",
+        f"last checkpoint: {summary['last_checkpoint']}",
+        f"final val:       {val}",
+    ]
+    if "test" in summary:
+        lines.append("test (best):     " + "  ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))
+    lines.append(f"metrics:         {summary['run_dir']}/metrics.json, TensorBoard logs in {summary['run_dir']}")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    with exit_on_user_error():
+        return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
