@@ -4,7 +4,8 @@ with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,21 @@ from torch import nn
 from glint_lightning import __version__
 from glint_lightning.metrics import pixel_metrics
 from glint_lightning.seeding import STREAM_DROPOUT, derive_seed
+
+
+@contextmanager
+def _native_bincount_on_cpu(device: torch.device) -> Iterator[None]:
+    """torchmetrics replaces torch.bincount by an [N, bins] mesh whenever deterministic mode is on: gigabytes for
+    a validation split's pixels. On the CPU torch.bincount is deterministic already, so let it run there."""
+    if device.type != "cpu" or not torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
 class GlintModule(L.LightningModule):
@@ -80,7 +96,8 @@ class GlintModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=logits.shape[0])
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         valid = batch["valid"]
-        metrics.update(torch.sigmoid(logits)[valid], batch["mask"][valid].int())
+        with _native_bincount_on_cpu(logits.device):
+            metrics.update(torch.sigmoid(logits)[valid], batch["mask"][valid].int())
         self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
         return {"loss": loss, "logits": logits.detach()}
 

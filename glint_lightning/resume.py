@@ -49,7 +49,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GlintError(f"{path}: not a loadable checkpoint ({first}); pass a .ckpt written by glint_lightning") from None
+        raise GlintError(
+            f"{path}: not a loadable checkpoint ({first}); pass a .ckpt written by glint_lightning"
+        ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise GlintError(f"{path}: not a Lightning checkpoint (no state_dict); pass a .ckpt written by glint_lightning")
     return ckpt
@@ -67,7 +69,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def config_differences(stored: Mapping[str, Any], composed: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ, as 'key: stored -> composed'."""
     a, b = _flatten(stored), _flatten(composed)
-    return [f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [
+        f"{k}: {a.get(k, '<absent>')} -> {b.get(k, '<absent>')}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k)
+    ]
 
 
 def check_resumable(path: Path, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,7 +81,9 @@ def check_resumable(path: Path, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     stored = (ckpt.get("hyper_parameters") or {}).get("model")
     if stored is None:
-        raise GlintError(f"{path}: no model config stored in the checkpoint; it was not written by glint_lightning.train")
+        raise GlintError(
+            f"{path}: no model config stored in the checkpoint; it was not written by glint_lightning.train"
+        )
     diffs = config_differences(stored, model_cfg)
     if diffs:
         raise GlintError(

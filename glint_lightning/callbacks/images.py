@@ -34,13 +34,23 @@ class PredictionImages(L.Callback):
         )
 
     def on_validation_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *_: Any
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        *_: Any,
     ) -> None:
         if batch_idx != 0 or not self._due(trainer) or not trainer.is_global_zero:
             return
         k = self.max_images
         depth, valid = batch["depth"][:k].float().cpu(), batch["valid"][:k].cpu()
-        rows = [_depth_to_unit(depth, valid), batch["mask"][:k].float().cpu(), outputs["logits"][:k].sigmoid().cpu()]
+        rows = [
+            _depth_to_unit(depth, valid),
+            batch["mask"][:k].float().cpu(),
+            outputs["logits"][:k].sigmoid().cpu(),
+        ]
         grid = make_grid(torch.cat(rows), nrow=depth.shape[0], padding=2, pad_value=0.5)
         for logger in trainer.loggers:
             if hasattr(logger.experiment, "add_image"):

@@ -113,7 +113,9 @@ class GlintDataModule(L.LightningDataModule):
         self.datasets["train"] = H5Tiles(info, self.keys, split["train"])
         for name in ("val", "test"):
             if self.paths[name]:
-                self.datasets[name] = H5Tiles(inspect_tile_file(self.paths[name], self.keys, self.depth_scale), self.keys)
+                self.datasets[name] = H5Tiles(
+                    inspect_tile_file(self.paths[name], self.keys, self.depth_scale), self.keys
+                )
             elif len(split[name]):
                 self.datasets[name] = H5Tiles(info, self.keys, split[name])
         for name, ds in self.datasets.items():

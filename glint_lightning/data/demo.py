@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 
 SPLITS = ("train", "val", "test")
+GENERATOR_VERSION = 1  # bump when synth_tile changes, so cached sets are regenerated
 
 
 def _disk(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
@@ -51,9 +52,18 @@ def synth_tile(rng: np.random.Generator, size: int, glint_free: bool) -> tuple[n
         z += rng.uniform(-300, 300) * ((np.cos(a) * u + np.sin(a) * v) > rng.uniform(-0.3, 0.3))
     for _ in range(rng.poisson(1.5)):  # distractors: small real bumps, not glints
         r = rng.uniform(1.5, 6.0)
-        d = _disk(yy, xx, rng.uniform(0, size), rng.uniform(0, size), r, r * rng.uniform(0.6, 1.4), rng.uniform(0, 3))
+        d = _disk(
+            yy,
+            xx,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            r,
+            r * rng.uniform(0.6, 1.4),
+            rng.uniform(0, 3),
+        )
         z += rng.uniform(-60, 60) * np.clip(1.0 - d, 0.0, 1.0)
 
+    z = np.maximum(z, 250.0)  # the sensor's minimum range
     mask = np.zeros((size, size), dtype=bool)
     spike = np.zeros((size, size), dtype=np.float32)
     missing = np.zeros((size, size), dtype=bool)
@@ -70,7 +80,9 @@ def synth_tile(rng: np.random.Generator, size: int, glint_free: bool) -> tuple[n
         elif kind == 1:  # streak
             length, angle = rng.uniform(6, 24), rng.uniform(0, np.pi)
             half = 0.5 * length * np.array([np.sin(angle), np.cos(angle)])
-            area = _segment_distance(yy, xx, np.array([cy, cx]) - half, np.array([cy, cx]) + half) <= rng.uniform(0.6, 1.4)
+            area = _segment_distance(yy, xx, np.array([cy, cx]) - half, np.array([cy, cx]) + half) <= rng.uniform(
+                0.6, 1.4
+            )
             spike = np.where(area, height, spike)
         else:  # missing-depth spot inside a bright rim
             r_in = rng.uniform(1.0, 3.5)
@@ -87,7 +99,15 @@ def synth_tile(rng: np.random.Generator, size: int, glint_free: bool) -> tuple[n
     valid = np.ones((size, size), dtype=bool)
     for _ in range(rng.poisson(0.8)):  # sensor dropout: depth 0, not scored, not a glint
         r = rng.uniform(2.0, 9.0)
-        d = _disk(yy, xx, rng.uniform(0, size), rng.uniform(0, size), r, r * rng.uniform(0.4, 1.0), rng.uniform(0, 3))
+        d = _disk(
+            yy,
+            xx,
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            r,
+            r * rng.uniform(0.4, 1.0),
+            rng.uniform(0, 3),
+        )
         hole = (d + 0.15 * rng.standard_normal(d.shape)) <= 1.0
         hole &= ~mask
         valid &= ~hole
@@ -108,7 +128,13 @@ def write_split(path: Path, n: int, size: int, seed: int, glint_free_fraction: f
 
 
 def make_demo(
-    out: str | os.PathLike, n_train: int, n_val: int, n_test: int, tile: int, seed: int, overwrite: bool = True
+    out: str | os.PathLike,
+    n_train: int,
+    n_val: int,
+    n_test: int,
+    tile: int,
+    seed: int,
+    overwrite: bool = True,
 ) -> dict[str, str]:
     """Write train/val/test files into the folder `out` atomically; returns {split: path}.
 
@@ -137,7 +163,14 @@ def make_demo(
 
 def demo_folder(cache_dir: str | os.PathLike, n_train: int, n_val: int, n_test: int, tile: int, seed: int) -> Path:
     """Where the demo set for these parameters lives: a hash of them, so every rank and sweep job agrees."""
-    params = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "tile": tile, "seed": seed}
+    params = {
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "tile": tile,
+        "seed": seed,
+        "v": GENERATOR_VERSION,
+    }
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cache_dir).expanduser() / f"demo-{tile}px-{key}"
 

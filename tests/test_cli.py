@@ -1,0 +1,93 @@
+"""`python -m glint_lightning.train ...` in a subprocess, exactly as a user runs it."""
+
+import json
+
+import pytest
+import yaml
+
+from tests.conftest import TINY, run_cli
+
+FAST = [*TINY, "trainer.max_epochs=1", "test=false", "callbacks.prediction_images.every_n_epochs=1"]
+FAST_H5 = [arg for arg in FAST if not arg.startswith("data.demo.")]  # data=h5 has no demo block
+
+
+@pytest.fixture
+def env(cache_dir):
+    return {"GLINT_CACHE_DIR": str(cache_dir)}
+
+
+def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path, env):
+    res = run_cli("glint_lightning.train", "-m", "loss=focal,bce,hybrid", *FAST, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "outputs" / "multirun").glob("*/*/*") if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2"]
+    losses = []
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert json.loads((job / "metrics.json").read_text())["best_score"] is not None
+        losses.append(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["loss"]["_target_"])
+    assert losses == [f"glint_lightning.losses.{n}" for n in ("FocalLoss", "BCELoss", "HybridLoss")]
+
+
+def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env):
+    res = run_cli("glint_lightning.train", *FAST, "hydra.run.dir=outputs/exp1", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "outputs" / "exp1"
+    for line in (
+        f"run dir:         {run}",
+        f"best checkpoint: {run}/checkpoints/best-epoch000.ckpt",
+        f"last checkpoint: {run}/checkpoints/last.ckpt",
+        "final val:       val/ap=",
+    ):
+        assert line in res.stdout
+    assert list((run / "tensorboard").glob("events.*"))
+    res = run_cli(
+        "glint_lightning.train",
+        *FAST,
+        "trainer.max_epochs=2",
+        "hydra.run.dir=outputs/exp1",
+        "ckpt_path=last",
+        cwd=tmp_path,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resuming this run in place from {run}/checkpoints/last.ckpt" in res.stdout
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["data=h5", "data.train_path=missing.h5"], "error: missing.h5: no such file"),
+        (["data=h5", "data.train_path=bad.h5"], "error: bad.h5: cannot be read as HDF5"),
+        (["ckpt_path=/nowhere/x.ckpt"], "error: ckpt_path=/nowhere/x.ckpt: no such file"),
+        (["ckpt_path=bad.h5"], "error: bad.h5: not a loadable checkpoint"),
+        (["optimizer.lr=-1"], "error: optimizer.lr=-1"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line_and_keeps_earlier_checkpoints(tmp_path, env, args, message):
+    (tmp_path / "bad.h5").write_text("not a tile file")
+    run = tmp_path / "outputs" / "exp1" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "last.ckpt").write_bytes(b"earlier run")
+    res = run_cli("glint_lightning.train", *FAST_H5, "hydra.run.dir=outputs/exp1", *args, cwd=tmp_path, env=env)
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert (run / "last.ckpt").read_bytes() == b"earlier run"
+    assert sorted(p.name for p in run.iterdir()) == ["last.ckpt"]
+
+
+def test_unknown_config_option_is_refused_by_hydra(tmp_path, env):
+    res = run_cli("glint_lightning.train", "model=resnet_unet", cwd=tmp_path, env=env)
+    assert res.returncode != 0
+    assert "Could not find 'model/resnet_unet'" in res.stderr and "unet" in res.stderr
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path, env):
+    res = run_cli("glint_lightning.train", "loss=focal", "--cfg", "job", cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    cfg = yaml.safe_load(res.stdout)
+    assert cfg["loss"]["_target_"] == "glint_lightning.losses.FocalLoss"
+    assert {"data", "model", "optimizer", "scheduler", "callbacks", "trainer", "logger"} <= set(cfg)

@@ -1,0 +1,179 @@
+"""Training through the real entry point: Hydra compose + train(), checkpoints, resume, config checks."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from glint_lightning.errors import GlintError
+from glint_lightning.module import GlintModule
+from glint_lightning.train import build_module, train
+
+
+def _ckpts(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+
+
+def test_train_writes_checkpoints_metrics_and_returns_the_optimized_metric(make_cfg, tmp_path):
+    cfg = make_cfg("callbacks.checkpoint.every_n_epochs=1")
+    score = train(cfg)
+    run = tmp_path / "run"
+    summary = json.loads((run / "metrics.json").read_text())
+    assert isinstance(score, float) and score == pytest.approx(summary["best_score"])
+    assert {"best-epoch000.ckpt", "best-epoch001.ckpt"} & set(_ckpts(run))
+    assert {"last.ckpt", "epoch000.ckpt", "epoch001.ckpt"} <= set(_ckpts(run))
+    for name in ("val/iou", "val/f1", "val/precision", "val/recall", "val/ap", "val/loss"):
+        assert name in summary["final"]
+    assert {"test/iou", "test/ap"} <= set(summary["test"])
+    assert json.loads((run / "data.json").read_text())["splits"]["train"]["tiles"] == 48
+    assert (run / "tensorboard").is_dir()
+
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["model"]["_target_"] == "glint_lightning.models.UNet" and hp["config"]["loss"] == hp["loss"]
+    assert hp["config"]["trainer"]["max_epochs"] == 2 and ckpt["has_optimizer_state"] is True
+    module = GlintModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert float(module.depth_std) > 1.0, "normalisation statistics travel with the weights"
+
+
+@pytest.mark.parametrize(
+    "opt, cls",
+    [
+        ("adam", torch.optim.Adam),
+        ("adamw", torch.optim.AdamW),
+        ("sgd", torch.optim.SGD),
+        ("rmsprop", torch.optim.RMSprop),
+    ],
+)
+def test_optimizers_from_config(make_cfg, opt, cls):
+    module = build_module(make_cfg(f"optimizer={opt}", "optimizer.lr=0.004", "scheduler=none"))
+    optimizer = module.configure_optimizers()
+    assert type(optimizer) is cls and optimizer.param_groups[0]["lr"] == pytest.approx(0.004)
+
+
+@pytest.mark.parametrize(
+    "sched, cls", [("cosine", "CosineAnnealingLR"), ("exponential", "ExponentialLR"), ("linear", "LinearLR")]
+)
+def test_schedulers_from_config_with_optional_warmup(make_cfg, sched, cls):
+    conf = module_conf = build_module(make_cfg(f"scheduler={sched}")).configure_optimizers()
+    assert type(conf["lr_scheduler"]["scheduler"]).__name__ == cls and conf["lr_scheduler"]["interval"] == "epoch"
+    module_conf = build_module(
+        make_cfg(f"scheduler={sched}", "scheduler.warmup_epochs=3", "scheduler.warmup_start_factor=0.2")
+    ).configure_optimizers()
+    optimizer, scheduler = module_conf["optimizer"], module_conf["lr_scheduler"]["scheduler"]
+    assert type(scheduler).__name__ == "SequentialLR"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.2e-3)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("optimized_metric=val/iuo", "optimized_metric=val/iuo is not a logged metric"),
+        (
+            "callbacks.best_checkpoint.mode=min",
+            "callbacks.best_checkpoint.monitor: val/iou improves towards 'max'",
+        ),
+        ("optimizer.lr=0", "optimizer.lr=0"),
+        ("optimizer.lr=-0.1", "optimizer.lr=-0.1"),
+        ("data.batch_size=0", "data.batch_size=0"),
+        ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt: no such file"),
+        ("ckpt_path=last", "ckpt_path=last: no last.ckpt in"),
+    ],
+)
+def test_bad_options_fail_before_training(make_cfg, tmp_path, override, match):
+    with pytest.raises(GlintError, match=match):
+        train(make_cfg(override))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def test_resume_is_exact(make_cfg, tmp_path):
+    common = [
+        "trainer.deterministic=true",
+        "scheduler=exponential",
+        "model.dropout=0.2",
+        "test=false",
+        "data.augment.depth_noise=0.01",
+    ]
+    train(make_cfg(*common, "trainer.max_epochs=4", run="straight"))
+    train(make_cfg(*common, "trainer.max_epochs=2", run="split"))
+    train(make_cfg(*common, "trainer.max_epochs=4", "ckpt_path=last", run="split"))
+    straight = _weights(tmp_path / "straight/checkpoints/last.ckpt")
+    resumed = _weights(tmp_path / "split/checkpoints/last.ckpt")
+    assert torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)["epoch"] == 3
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
+    assert not (tmp_path / "split/checkpoints/last-v1.ckpt").exists(), "in-place resume rewrites last.ckpt"
+    assert sorted(p.name for p in (tmp_path / "split").iterdir() if p.name.startswith("tensorboard")) == ["tensorboard"]
+    assert len(list((tmp_path / "split/tensorboard").glob("events.*"))) == 2, "resumed logs append to the same dir"
+
+
+def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg, tmp_path, capsys):
+    train(make_cfg("trainer.max_epochs=1", "test=false", run="first"))
+    first_last = tmp_path / "first/checkpoints/last.ckpt"
+    before = first_last.read_bytes()
+    train(make_cfg("trainer.max_epochs=2", "test=false", "ckpt_path=last", run="second"))
+    assert f"resuming from the newest last.ckpt under {tmp_path}/: {first_last}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "second/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
+    assert first_last.read_bytes() == before, "the earlier run's checkpoint is left alone"
+
+
+def test_resume_refuses_a_different_model_config(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_epochs=1", "test=false"))
+    with pytest.raises(GlintError, match=r"model\.base_channels: 4 -> 8"):
+        train(make_cfg("trainer.max_epochs=2", "model.base_channels=8", "ckpt_path=last"))
+
+
+def _best_state(ckpt):
+    return next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint") and "'val/iou'" in k)
+
+
+def test_optimizer_state_off_shrinks_checkpoints_and_resumes_partially(make_cfg, tmp_path, recwarn):
+    train(make_cfg("test=false", "trainer.max_epochs=1", "model.base_channels=8", run="full"))
+    train(
+        make_cfg(
+            "test=false",
+            "trainer.max_epochs=1",
+            "model.base_channels=8",
+            "callbacks.optimizer_state.save=false",
+            run="slim",
+        )
+    )
+    full, slim = tmp_path / "full/checkpoints/last.ckpt", tmp_path / "slim/checkpoints/last.ckpt"
+    assert slim.stat().st_size <= 0.6 * full.stat().st_size
+    slim_ckpt = torch.load(slim, weights_only=True)
+    assert "optimizer_states" not in slim_ckpt and "lr_schedulers" not in slim_ckpt
+    assert slim_ckpt["has_optimizer_state"] is False
+    best_before = _best_state(slim_ckpt)
+
+    warnings.simplefilter("always")
+    train(
+        make_cfg(
+            "test=false",
+            "trainer.max_epochs=2",
+            "model.base_channels=8",
+            "scheduler=none",
+            "optimizer.lr=0.0123",
+            "ckpt_path=last",
+            run="slim",
+        )
+    )
+    msgs = [str(w.message) for w in recwarn if "no optimizer state" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    resumed = torch.load(slim, weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * slim_ckpt["global_step"]
+    assert best_before["best_model_score"] is not None
+    state = _best_state(resumed)
+    assert state["best_model_score"] >= best_before["best_model_score"], "best-score tracking carried over"
+    optimizer = resumed["optimizer_states"][0]
+    assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.0123), "fresh optimizer at the configured LR"
+    adam_steps = {float(s["step"]) for s in optimizer["state"].values()}
+    assert adam_steps == {float(slim_ckpt["global_step"])}, "Adam moments start from zero at the resume"
