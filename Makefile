@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # A short real run on the built-in synthetic data set; override with `make train ARGS="loss=focal"`.
 ARGS ?=
 
-.PHONY: install train test lint format bench clean
+.PHONY: install train test lint format clean
 
 install: $(STAMP)
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m glint_lightning.train +experiment=quickstart $(ARGS)
+	$(PY) -m glint_lightning.train experiment=quickstart $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -30,9 +30,6 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
-
-bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) outputs/cache .pytest_cache

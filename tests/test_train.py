@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glint_lightning.errors import GlintError
 from glint_lightning.module import GlintModule
@@ -16,7 +17,7 @@ def _ckpts(run_dir):
 
 
 def test_train_writes_checkpoints_metrics_and_returns_the_optimized_metric(make_cfg, tmp_path):
-    cfg = make_cfg("callbacks.checkpoint.every_n_epochs=1")
+    cfg = make_cfg("callbacks.checkpoint.every_n_epochs=1", "callbacks.prediction_images.every_n_epochs=2")
     score = train(cfg)
     run = tmp_path / "run"
     summary = json.loads((run / "metrics.json").read_text())
@@ -27,7 +28,9 @@ def test_train_writes_checkpoints_metrics_and_returns_the_optimized_metric(make_
         assert name in summary["final"]
     assert {"test/iou", "test/ap"} <= set(summary["test"])
     assert json.loads((run / "data.json").read_text())["splits"]["train"]["tiles"] == 48
-    assert (run / "tensorboard").is_dir()
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Images("val/predictions")] == [summary["global_step"]], "a grid at epoch 2 only"
+    assert {"train/loss_epoch", "val/iou", "lr-Adam"} <= set(events.Tags()["scalars"])
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     hp = ckpt["hyper_parameters"]
