@@ -30,6 +30,15 @@ def _disk(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: f
     return np.sqrt((u / rx) ** 2 + (v / ry) ** 2)
 
 
+def _random_ellipse(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, r: float, aspect: tuple[float, float]
+) -> np.ndarray:
+    """_disk at a random centre and angle, one radius r and the other r times a random aspect ratio."""
+    size = yy.shape[0]
+    cy, cx = rng.uniform(0, size), rng.uniform(0, size)
+    return _disk(yy, xx, cy, cx, r, r * rng.uniform(*aspect), rng.uniform(0, 3))
+
+
 def _segment_distance(yy: np.ndarray, xx: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
     """Distance in pixels from every pixel to the segment p0-p1 (points as (y, x))."""
     d = p1 - p0
@@ -52,15 +61,7 @@ def synth_tile(rng: np.random.Generator, size: int, glint_free: bool) -> tuple[n
         z += rng.uniform(-300, 300) * ((np.cos(a) * u + np.sin(a) * v) > rng.uniform(-0.3, 0.3))
     for _ in range(rng.poisson(1.5)):  # distractors: small real bumps, not glints
         r = rng.uniform(1.5, 6.0)
-        d = _disk(
-            yy,
-            xx,
-            rng.uniform(0, size),
-            rng.uniform(0, size),
-            r,
-            r * rng.uniform(0.6, 1.4),
-            rng.uniform(0, 3),
-        )
+        d = _random_ellipse(rng, yy, xx, r, (0.6, 1.4))
         z += rng.uniform(-60, 60) * np.clip(1.0 - d, 0.0, 1.0)
 
     z = np.maximum(z, 250.0)  # the sensor's minimum range
@@ -99,15 +100,7 @@ def synth_tile(rng: np.random.Generator, size: int, glint_free: bool) -> tuple[n
     valid = np.ones((size, size), dtype=bool)
     for _ in range(rng.poisson(0.8)):  # sensor dropout: depth 0, not scored, not a glint
         r = rng.uniform(2.0, 9.0)
-        d = _disk(
-            yy,
-            xx,
-            rng.uniform(0, size),
-            rng.uniform(0, size),
-            r,
-            r * rng.uniform(0.4, 1.0),
-            rng.uniform(0, 3),
-        )
+        d = _random_ellipse(rng, yy, xx, r, (0.4, 1.0))
         hole = (d + 0.15 * rng.standard_normal(d.shape)) <= 1.0
         hole &= ~mask
         valid &= ~hole
