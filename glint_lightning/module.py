@@ -14,8 +14,15 @@ from hydra.utils import instantiate
 from torch import nn
 
 from glint_lightning import __version__
+from glint_lightning.callbacks.finetuning import FreezeParts
 from glint_lightning.metrics import pixel_metrics
+from glint_lightning.models.common import model_part
+from glint_lightning.resume import load_checkpoint
 from glint_lightning.seeding import STREAM_DROPOUT, derive_seed
+
+# Keys of the model config that say how to train the network, not what it is: the module keeps them for itself,
+# and a checkpoint whose stored values differ still resumes.
+TRAINING_KEYS = ("freeze", "unfreeze_at_epoch", "pretrained", "strict")
 
 
 @contextmanager
@@ -37,7 +44,8 @@ class GlintModule(L.LightningModule):
     """Glint segmentation.
 
     Args:
-        model: `_target_` config of the network (B, C, H, W) -> (B, 1, H, W) logits.
+        model: `_target_` config of the network (B, C, H, W) -> (B, 1, H, W) logits, plus `freeze` (names of
+            parts to freeze) and `unfreeze_at_epoch`.
         loss: `_target_` config of a loss taking (logits, target, valid).
         optimizer: `_target_` config of a torch optimizer, without params.
         scheduler: {scheduler: `_target_` config without optimizer, interval, frequency, warmup_epochs,
@@ -45,6 +53,7 @@ class GlintModule(L.LightningModule):
         threshold: probability above which a pixel is a glint.
         ap_bins: thresholds for average precision (None = exact, memory grows with the split).
         seed: keys dropout randomness to (seed, global step) for exact resume.
+        aux_weight: weight of the auxiliary head's loss, for networks that have one.
         config: the whole composed run config, stored for provenance.
     """
 
@@ -57,11 +66,14 @@ class GlintModule(L.LightningModule):
         threshold: float = 0.5,
         ap_bins: int | None = 200,
         seed: int = 0,
+        aux_weight: float = 0.5,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: nn.Module = instantiate(model)
+        self.model: nn.Module = instantiate(
+            {k: v for k, v in model.items() if k not in ("freeze", "unfreeze_at_epoch")}
+        )
         self.loss_fn: nn.Module = instantiate(loss)
         self.register_buffer("depth_mean", torch.tensor(0.0))
         self.register_buffer("depth_std", torch.tensor(1.0))
@@ -73,21 +85,40 @@ class GlintModule(L.LightningModule):
         self.depth_mean.fill_(mean)
         self.depth_std.fill_(std)
 
-    def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Depth in mm (B, 1, H, W) and validity -> logits (B, 1, H, W); invalid pixels enter as 0."""
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> GlintModule:
+        """Rebuild from a checkpoint without fetching `model.pretrained` again (the stored weights replace it)."""
+        ckpt = load_checkpoint(path)
+        hparams = dict(ckpt["hyper_parameters"])
+        hparams["model"] = {**hparams["model"], **({"pretrained": None} if "pretrained" in hparams["model"] else {})}
+        module = cls(**hparams)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.to(map_location)
+
+    def _network(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         x = (depth - self.depth_mean) / self.depth_std
         return self.model(torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)))
+
+    def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Depth in mm (B, 1, H, W) and validity -> logits (B, 1, H, W); invalid pixels enter as 0."""
+        out = self._network(depth, valid)
+        return out["out"] if isinstance(out, dict) else out
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         torch.manual_seed(derive_seed(self.hparams.seed, STREAM_DROPOUT, self.global_step))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["depth"], batch["valid"])
+        out = self._network(batch["depth"], batch["valid"])
+        logits = out["out"] if isinstance(out, dict) else out
         loss = self.loss_fn(logits, batch["mask"], batch["valid"])
         n = batch["depth"].shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         for name, value in getattr(self.loss_fn, "last_terms", {}).items():
             self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+        if isinstance(out, dict) and "aux" in out:
+            aux = self.loss_fn(out["aux"], batch["mask"], batch["valid"])
+            self.log("train/loss_aux", aux, on_step=False, on_epoch=True, batch_size=n)
+            loss = loss + self.hparams.aux_weight * aux
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
@@ -107,8 +138,31 @@ class GlintModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluate(batch, "test")
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        freeze = self.hparams.model.get("freeze") or []
+        if not freeze:
+            return []
+        lr_mult = self.hparams.optimizer.get("lr_mult") or {}
+        unfreeze = self.hparams.model.get("unfreeze_at_epoch")
+        return [FreezeParts(freeze, unfreeze, base_lr=self.hparams.optimizer["lr"], lr_mult=lr_mult)]
+
+    def _param_groups(self, lr: float, lr_mult: Mapping[str, float]) -> list[dict[str, Any]] | list[nn.Parameter]:
+        """Trainable parameters; with `lr_mult`, one named group per part at lr x mult, plus `rest` at lr."""
+        trainable = [p for p in self.parameters() if p.requires_grad]  # frozen parts join when unfrozen
+        if not lr_mult:
+            return trainable
+        groups, taken = [], set()
+        for part, mult in lr_mult.items():
+            params = [p for p in model_part(self.model, part, "optimizer.lr_mult").parameters() if p.requires_grad]
+            taken |= {id(p) for p in params}
+            if params:
+                groups.append({"params": params, "lr": lr * float(mult), "name": part})
+        return [{"params": [p for p in trainable if id(p) not in taken], "name": "rest"}, *groups]
+
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.parameters())
+        opt_cfg = dict(self.hparams.optimizer)
+        lr_mult = opt_cfg.pop("lr_mult", None) or {}
+        optimizer = instantiate(opt_cfg, _partial_=True)(self._param_groups(opt_cfg["lr"], lr_mult))
         sched_cfg = self.hparams.scheduler
         if not sched_cfg or sched_cfg.get("scheduler") is None:
             return optimizer

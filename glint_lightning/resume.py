@@ -76,15 +76,17 @@ def config_differences(stored: Mapping[str, Any], composed: Mapping[str, Any]) -
     ]
 
 
-def check_resumable(path: Path, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Refuse a checkpoint whose stored model config differs from the composed one; return the checkpoint."""
+def check_resumable(path: Path, model_cfg: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Refuse a checkpoint whose stored model config differs from the composed one (keys in `ignore` aside)."""
     ckpt = load_checkpoint(path)
     stored = (ckpt.get("hyper_parameters") or {}).get("model")
     if stored is None:
         raise GlintError(
             f"{path}: no model config stored in the checkpoint; it was not written by glint_lightning.train"
         )
-    diffs = config_differences(stored, model_cfg)
+    diffs = config_differences(
+        {k: v for k, v in stored.items() if k not in ignore}, {k: v for k, v in model_cfg.items() if k not in ignore}
+    )
     if diffs:
         raise GlintError(
             f"{path}: its model config differs from this run's ({'; '.join(f'model.{d}' for d in diffs)}); "

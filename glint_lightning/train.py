@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.errors import GlintError, exit_on_user_error
 from glint_lightning.metrics import check_metric
-from glint_lightning.module import GlintModule
+from glint_lightning.module import TRAINING_KEYS, GlintModule
 from glint_lightning.resume import check_resumable, resolve_ckpt_path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -47,6 +47,7 @@ def build_module(cfg: DictConfig) -> GlintModule:
         threshold=plain["threshold"],
         ap_bins=plain["ap_bins"],
         seed=plain["seed"],
+        aux_weight=plain.get("aux_weight", 0.5),
         config={k: v for k, v in plain.items() if k != "hydra"},
     )
 
@@ -72,7 +73,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     module = build_module(cfg)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, module.hparams.model)
+        check_resumable(ckpt_path, module.hparams.model, ignore=TRAINING_KEYS)
     else:
         module.set_depth_stats(*datamodule.depth_stats)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,15 @@ from glint_lightning.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Small enough for 2 CPU cores: 4-channel, depth-2 U-Net on 32 px tiles.
+# Small enough for 2 CPU cores: tiny networks on 32 px tiles.
+TINY_MODEL = {
+    "unet": ["model.base_channels=4", "model.depth=2"],
+    "deeplabv3plus": ["model.backbone=resnet18", "model.aspp_channels=16", "model.decoder_channels=16"],
+    "fcn": ["model.backbone=resnet18"],
+    "smp": ["model.encoder=resnet18"],
+}
 TINY = [
-    "model.base_channels=4",
-    "model.depth=2",
+    *TINY_MODEL["unet"],
     "data.batch_size=8",
     "data.eval_batch_size=32",
     "data.demo.n_train=48",
@@ -51,13 +56,15 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     """compose(train.yaml) with TINY + overrides; the run dir is tmp_path/<run> and outputs_root is tmp_path."""
 
     def _make(*overrides: str, run: str = "run") -> DictConfig:
+        model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "unet")
+        tiny = [o for o in TINY if not o.startswith("model.")] + TINY_MODEL[model]
         fixed = [
             f"paths.output_dir={tmp_path / run}",
             f"paths.outputs_root={tmp_path}",
             f"paths.cache_dir={cache_dir}",
         ]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return compose("train", overrides=[*TINY, *fixed, *overrides])
+            return compose("train", overrides=[*tiny, *fixed, *overrides])
 
     return _make
 

@@ -1,6 +1,8 @@
 """Callbacks the framework adds to Lightning's own (ModelCheckpoint, LearningRateMonitor, EarlyStopping...)."""
 
+from glint_lightning.callbacks.feature_maps import FeatureMaps
+from glint_lightning.callbacks.finetuning import FreezeParts
 from glint_lightning.callbacks.images import PredictionImages
 from glint_lightning.callbacks.optimizer_state import OptimizerStateCallback
 
-__all__ = ["OptimizerStateCallback", "PredictionImages"]
+__all__ = ["FeatureMaps", "FreezeParts", "OptimizerStateCallback", "PredictionImages"]

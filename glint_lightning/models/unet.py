@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from glint_lightning.models.common import pad_to_multiple
+from glint_lightning.models.pretrained import apply_pretrained
 
 
 def _norm(kind: str, channels: int, groups: int) -> nn.Module:
@@ -65,6 +67,8 @@ class UNet(nn.Module):
         dropout: Dropout2d inside each block (0 disables).
         upsample: transpose | bilinear.
         init: kaiming | xavier.
+        pretrained: null or a .pth/.ckpt to fine-tune from (tensors with matching names and shapes).
+        strict: make any key or shape mismatch of `pretrained` an error.
     """
 
     def __init__(
@@ -78,6 +82,8 @@ class UNet(nn.Module):
         dropout: float = 0.0,
         upsample: str = "transpose",
         init: str = "kaiming",
+        pretrained: str | None = None,
+        strict: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1 or base_channels < 1:
@@ -94,6 +100,7 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(widths[0], out_channels, 1)
         self._init_weights(init)
+        apply_pretrained(self, pretrained, strict)
 
     def _init_weights(self, init: str) -> None:
         if init not in ("kaiming", "xavier"):
@@ -109,10 +116,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-        skips = [self.inc(x)]
+        skips = [self.inc(pad_to_multiple(x, self.multiple))]
         for down in self.downs:
             skips.append(down(skips[-1]))
         y = skips.pop()

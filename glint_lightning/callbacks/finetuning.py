@@ -1,0 +1,65 @@
+"""Freeze named parts of the network (`model.freeze=[backbone]`), optionally unfreezing them at an epoch.
+
+Built on Lightning's BaseFinetuning, which freezes before the optimizer is configured and adds the unfrozen
+parameters as a new param group. Two things it leaves to us: BatchNorm layers of frozen parts stay in eval mode
+(running statistics untouched), and a run resumed after the unfreeze epoch gets its parts trainable again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import BaseFinetuning
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.optim import Optimizer
+
+from glint_lightning.models.common import model_part
+
+
+class FreezeParts(BaseFinetuning):
+    """Freeze `parts` of `pl_module.model`; unfreeze at `unfreeze_at_epoch` with lr = base_lr x lr_mult[part]."""
+
+    def __init__(
+        self,
+        parts: Sequence[str],
+        unfreeze_at_epoch: int | None = None,
+        base_lr: float = 1e-3,
+        lr_mult: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.parts, self.unfreeze_at_epoch = list(parts), unfreeze_at_epoch
+        self.base_lr, self.lr_mult = base_lr, dict(lr_mult or {})
+        self._frozen_bn: list[_BatchNorm] = []
+
+    def _modules(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {p: model_part(pl_module.model, p, "model.freeze") for p in self.parts}
+
+    def freeze_before_training(self, pl_module: L.LightningModule) -> None:
+        modules = self._modules(pl_module)
+        self.freeze(list(modules.values()), train_bn=False)
+        self._frozen_bn = [m for mod in modules.values() for m in mod.modules() if isinstance(m, _BatchNorm)]
+
+    def _unfrozen(self, epoch: int) -> bool:
+        return self.unfreeze_at_epoch is not None and epoch >= self.unfreeze_at_epoch
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self._unfrozen(trainer.current_epoch) and trainer.current_epoch > self.unfreeze_at_epoch:
+            self.make_trainable(list(self._modules(pl_module).values()))  # resumed after the unfreeze
+            self._frozen_bn = []
+
+    def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
+        if self.unfreeze_at_epoch is None or epoch != self.unfreeze_at_epoch:
+            return
+        for part, module in self._modules(pl_module).items():
+            lr = self.base_lr * self.lr_mult.get(part, 1.0)
+            self.unfreeze_and_add_param_group(module, optimizer, lr=lr, train_bn=True)
+            optimizer.param_groups[-1]["name"] = part  # what LearningRateMonitor calls the group
+        self._frozen_bn = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        for bn in self._frozen_bn:  # Lightning puts the whole module back in train mode every epoch
+            if bn.training:
+                bn.eval()

@@ -1,0 +1,86 @@
+"""DeepLabV3+ (Chen et al. 2018) on a torchvision backbone, with torchvision's ASPP and FCN auxiliary head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.segmentation.deeplabv3 import ASPP
+from torchvision.models.segmentation.fcn import FCNHead
+
+from glint_lightning.models.backbones import Encoder
+from glint_lightning.models.common import batchnorm_to_groupnorm, check_norm, pad_to_multiple
+from glint_lightning.models.pretrained import apply_pretrained
+
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+
+
+def _conv_norm_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+class DeepLabV3Plus(nn.Module):
+    """Encoder -> ASPP (1x1, three atrous 3x3, image pooling) -> decoder fusing stride-4 features -> logits.
+
+    Args:
+        backbone: resnet18|resnet34|resnet50|resnet101|mobilenet_v2.
+        output_stride: 16 (ASPP rates 6/12/18) or 8 (12/24/36; dilated last two stages).
+        low_level_channels: the stride-4 features are projected to this many channels (48 in the paper).
+        norm: batch, or group for small batches (heads only; the backbone keeps its BatchNorm).
+        dropout: before the classifier.
+        aux: an FCN head on the stride-16 features, trained with `aux_weight` x the loss.
+        pretrained: null | imagenet | path to a torchvision, .pth or .ckpt file (matching keys only).
+        strict: make any key or shape mismatch of `pretrained` an error.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        in_channels: int = 1,
+        out_channels: int = 1,
+        output_stride: int = 16,
+        aspp_channels: int = 256,
+        decoder_channels: int = 256,
+        low_level_channels: int = 48,
+        norm: str = "batch",
+        groups: int = 16,
+        dropout: float = 0.1,
+        aux: bool = False,
+        pretrained: str | None = None,
+        strict: bool = False,
+    ) -> None:
+        super().__init__()
+        check_norm(norm)
+        if output_stride not in ASPP_RATES:
+            raise ValueError(f"model.output_stride={output_stride}; DeepLabV3+ uses 8 or 16")
+        self.backbone = Encoder(backbone, in_channels, output_stride)
+        ch = self.backbone.channels
+        self.aspp = ASPP(ch[3], list(ASPP_RATES[output_stride]), aspp_channels)
+        self.project = _conv_norm_relu(ch[0], low_level_channels, 1)
+        self.decoder = nn.Sequential(
+            _conv_norm_relu(aspp_channels + low_level_channels, decoder_channels, 3),
+            _conv_norm_relu(decoder_channels, decoder_channels, 3),
+            nn.Dropout(dropout),
+        )
+        self.head = nn.Conv2d(decoder_channels, out_channels, 1)
+        self.aux_head = FCNHead(ch[2], out_channels) if aux else None
+        if norm == "group":
+            for part in (self.aspp, self.project, self.decoder, self.aux_head):
+                if part is not None:
+                    batchnorm_to_groupnorm(part, groups)
+        imagenet = (self.backbone.weights_enum, backbone)
+        apply_pretrained(self, pretrained, strict, backbone=self.backbone.body, imagenet=imagenet)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        h, w = x.shape[-2:]
+        x = pad_to_multiple(x, 32)
+        feats = self.backbone(x)
+        y = F.interpolate(self.aspp(feats[3]), size=feats[0].shape[-2:], mode="bilinear", align_corners=False)
+        y = self.head(self.decoder(torch.cat([y, self.project(feats[0])], dim=1)))
+        out = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+        if self.training and self.aux_head is not None:
+            aux = F.interpolate(self.aux_head(feats[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return {"out": out, "aux": aux[..., :h, :w]}
+        return out

@@ -1,0 +1,57 @@
+"""Any segmentation_models_pytorch architecture and encoder through the same module (`pip install '.[smp]'`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from glint_lightning.errors import GlintError
+from glint_lightning.models.common import pad_to_multiple
+from glint_lightning.models.pretrained import apply_pretrained
+
+
+class SMPModel(nn.Module):
+    """`smp.create_model(arch, encoder_name=encoder, ...)`; inputs padded to a multiple of 32 and cropped back.
+
+    Args:
+        arch: e.g. Unet, UnetPlusPlus, FPN, DeepLabV3Plus, MAnet, Segformer.
+        encoder: e.g. resnet34, efficientnet-b0, mobilenet_v2.
+        encoder_weights: smp's pretrained encoder weights (downloaded; needs a network), or null.
+        pretrained, strict: a local .pth/.ckpt, loaded by matching keys as for the other models.
+        extra: further keyword arguments for the architecture.
+    """
+
+    def __init__(
+        self,
+        arch: str = "Unet",
+        encoder: str = "resnet34",
+        in_channels: int = 1,
+        out_channels: int = 1,
+        encoder_weights: str | None = None,
+        pretrained: str | None = None,
+        strict: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        try:
+            import segmentation_models_pytorch as smp
+        except ImportError:
+            raise GlintError("model=smp needs segmentation_models_pytorch: pip install '.[smp]'") from None
+        try:
+            self.net = smp.create_model(
+                arch,
+                encoder_name=encoder,
+                encoder_weights=encoder_weights,
+                in_channels=in_channels,
+                classes=out_channels,
+                **(extra or {}),
+            )
+        except KeyError as err:
+            raise GlintError(f"model.arch={arch} / model.encoder={encoder}: not known to smp ({err})") from None
+        apply_pretrained(self, pretrained, strict)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return self.net(pad_to_multiple(x, 32))[..., :h, :w]
