@@ -20,9 +20,9 @@ from glint_lightning.models.common import model_part
 from glint_lightning.resume import load_checkpoint
 from glint_lightning.seeding import STREAM_DROPOUT, derive_seed
 
-# Keys of the model config that say how to train the network, not what it is: the module keeps them for itself,
-# and a checkpoint whose stored values differ still resumes.
-TRAINING_KEYS = ("freeze", "unfreeze_at_epoch", "pretrained", "strict")
+# Keys of the model config that say where the initial weights came from, not what the network is: a checkpoint
+# whose stored values differ still resumes (its own weights replace them anyway).
+WEIGHT_SOURCE_KEYS = ("pretrained", "strict")
 
 
 @contextmanager

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.errors import GlintError, exit_on_user_error
 from glint_lightning.metrics import check_metric
-from glint_lightning.module import TRAINING_KEYS, GlintModule
+from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
 from glint_lightning.resume import check_resumable, resolve_ckpt_path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -73,7 +73,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     module = build_module(cfg)
     if ckpt_path is not None:
-        check_resumable(ckpt_path, module.hparams.model, ignore=TRAINING_KEYS)
+        check_resumable(ckpt_path, module.hparams.model, ignore=WEIGHT_SOURCE_KEYS)
     else:
         module.set_depth_stats(*datamodule.depth_stats)
     run_dir.mkdir(parents=True, exist_ok=True)

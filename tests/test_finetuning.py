@@ -144,3 +144,17 @@ def test_multirun_over_the_three_models(tmp_path, cache_dir):
     for job in sorted(p for p in (tmp_path / "outputs" / "multirun").glob("*/*/*") if p.is_dir()):
         targets.append(_last(job)["hyper_parameters"]["model"]["_target_"].rsplit(".", 1)[1])
     assert targets == ["UNet", "DeepLabV3Plus", "FCN"]
+
+
+def test_resuming_after_the_unfreeze_epoch_keeps_training_the_part(make_cfg, tmp_path):
+    common = [*DEEPLAB, "model.freeze=[backbone]", "model.unfreeze_at_epoch=1", "scheduler=none"]
+    train(make_cfg(*common, "trainer.max_epochs=2"))
+    before = _last(tmp_path / "run")["state_dict"]
+    train(make_cfg(*common, "trainer.max_epochs=3", "ckpt_path=last"))
+    after = _last(tmp_path / "run")
+    assert after["epoch"] == 2 and [g.get("name") for g in after["optimizer_states"][0]["param_groups"]] == [
+        None,
+        "backbone",
+    ]
+    key = "model.backbone.body.layer4.1.conv2.weight"
+    assert not torch.equal(after["state_dict"][key], before[key]), "the unfrozen backbone trains after the resume"

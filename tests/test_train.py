@@ -133,8 +133,10 @@ def test_resume_refuses_a_different_model_config(make_cfg, tmp_path):
     train(make_cfg("trainer.max_epochs=1", "test=false"))
     with pytest.raises(GlintError, match=r"model\.base_channels: 4 -> 8"):
         train(make_cfg("trainer.max_epochs=2", "model.base_channels=8", "ckpt_path=last"))
-    # how to train (freezing, pretrained source) may change between runs; what the network is may not
-    train(make_cfg("trainer.max_epochs=2", "test=false", "model.freeze=[inc]", "ckpt_path=last"))
+    # where the initial weights came from may differ (the checkpoint's weights win); what the network is may not
+    weights = tmp_path / "init.pth"
+    torch.save(torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"], weights)
+    train(make_cfg("trainer.max_epochs=2", "test=false", f"model.pretrained={weights}", "ckpt_path=last"))
 
 
 def _best_state(ckpt):

@@ -32,6 +32,7 @@ class FreezeParts(BaseFinetuning):
         self.parts, self.unfreeze_at_epoch = list(parts), unfreeze_at_epoch
         self.base_lr, self.lr_mult = base_lr, dict(lr_mult or {})
         self._frozen_bn: list[_BatchNorm] = []
+        self._unfrozen = False  # saved in checkpoints: loops are restored only after on_fit_start
 
     def _modules(self, pl_module: L.LightningModule) -> dict[str, Any]:
         return {p: model_part(pl_module.model, p, "model.freeze") for p in self.parts}
@@ -41,13 +42,17 @@ class FreezeParts(BaseFinetuning):
         self.freeze(list(modules.values()), train_bn=False)
         self._frozen_bn = [m for mod in modules.values() for m in mod.modules() if isinstance(m, _BatchNorm)]
 
-    def _unfrozen(self, epoch: int) -> bool:
-        return self.unfreeze_at_epoch is not None and epoch >= self.unfreeze_at_epoch
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "unfrozen": self._unfrozen}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._unfrozen = bool(state_dict.get("unfrozen", False))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        if self._unfrozen(trainer.current_epoch) and trainer.current_epoch > self.unfreeze_at_epoch:
-            self.make_trainable(list(self._modules(pl_module).values()))  # resumed after the unfreeze
+        super().on_fit_start(trainer, pl_module)  # restores the param groups of a resumed run
+        if self._unfrozen:  # resumed after the unfreeze epoch: the parts train again
+            self.make_trainable(list(self._modules(pl_module).values()))
             self._frozen_bn = []
 
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
@@ -57,7 +62,7 @@ class FreezeParts(BaseFinetuning):
             lr = self.base_lr * self.lr_mult.get(part, 1.0)
             self.unfreeze_and_add_param_group(module, optimizer, lr=lr, train_bn=True)
             optimizer.param_groups[-1]["name"] = part  # what LearningRateMonitor calls the group
-        self._frozen_bn = []
+        self._frozen_bn, self._unfrozen = [], True
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         for bn in self._frozen_bn:  # Lightning puts the whole module back in train mode every epoch
