@@ -54,6 +54,7 @@ class GlintModule(L.LightningModule):
         ap_bins: thresholds for average precision (None = exact, memory grows with the split).
         seed: keys dropout randomness to (seed, global step) for exact resume.
         aux_weight: weight of the auxiliary head's loss, for networks that have one.
+        tile_size: (h, w) of the training tiles: the window size for full-frame prediction.
         config: the whole composed run config, stored for provenance.
     """
 
@@ -67,6 +68,7 @@ class GlintModule(L.LightningModule):
         ap_bins: int | None = 200,
         seed: int = 0,
         aux_weight: float = 0.5,
+        tile_size: list[int] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -87,13 +89,13 @@ class GlintModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> GlintModule:
-        """Rebuild from a checkpoint without fetching `model.pretrained` again (the stored weights replace it)."""
+        """Rebuild (in eval mode) from a checkpoint without fetching `model.pretrained` again."""
         ckpt = load_checkpoint(path)
         hparams = dict(ckpt["hyper_parameters"])
         hparams["model"] = {**hparams["model"], **({"pretrained": None} if "pretrained" in hparams["model"] else {})}
         module = cls(**hparams)
         module.load_state_dict(ckpt["state_dict"])
-        return module.to(map_location)
+        return module.to(map_location).eval()
 
     def _network(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         x = (depth - self.depth_mean) / self.depth_std
@@ -184,3 +186,5 @@ class GlintModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["glint_lightning_version"] = __version__
+        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
+        checkpoint["metrics"] = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}

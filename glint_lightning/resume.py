@@ -45,6 +45,8 @@ def resolve_ckpt_path(value: str | None, ckpt_dir: Path, outputs_root: Path) -> 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with weights_only=True (no code runs); a clear error for files that are not our checkpoints."""
+    if not Path(path).is_file():
+        raise GlintError(f"{path}: no such file; pass an existing .ckpt (see outputs/<run>/checkpoints/)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:

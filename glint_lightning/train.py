@@ -36,7 +36,7 @@ def check_config(cfg: DictConfig) -> None:
         raise GlintError(f"trainer.max_epochs={cfg.trainer.max_epochs}; train for at least one epoch")
 
 
-def build_module(cfg: DictConfig) -> GlintModule:
+def build_module(cfg: DictConfig, tile_size: tuple[int, int] | None = None) -> GlintModule:
     """The LightningModule from plain data only (what checkpoints store and weights_only loading accepts)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     return GlintModule(
@@ -48,6 +48,7 @@ def build_module(cfg: DictConfig) -> GlintModule:
         ap_bins=plain["ap_bins"],
         seed=plain["seed"],
         aux_weight=plain.get("aux_weight", 0.5),
+        tile_size=list(tile_size) if tile_size else None,
         config={k: v for k, v in plain.items() if k != "hydra"},
     )
 
@@ -71,7 +72,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = build_module(cfg)
+    train_info = datamodule.datasets["train"].info
+    module = build_module(cfg, tile_size=(train_info.height, train_info.width))
     if ckpt_path is not None:
         check_resumable(ckpt_path, module.hparams.model, ignore=WEIGHT_SOURCE_KEYS)
     else:

@@ -102,3 +102,16 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 300) 
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """A tiny U-Net trained for one epoch on the demo data; its last.ckpt."""
+    from glint_lightning.train import train
+
+    run = tmp_path_factory.mktemp("trained")
+    fixed = [f"paths.output_dir={run}", f"paths.outputs_root={run}", f"paths.cache_dir={cache_dir}"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[*TINY, *fixed, "trainer.max_epochs=1", "test=false"])
+    train(cfg)
+    return run / "checkpoints" / "last.ckpt"

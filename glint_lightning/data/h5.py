@@ -82,6 +82,21 @@ def inspect_tile_file(path: str | os.PathLike, keys: TileKeys, depth_scale: floa
         return TileFileInfo(str(path), int(dshape[0]), int(dshape[1]), int(dshape[2]), scale, has_valid)
 
 
+def depth_and_validity(
+    stored: np.ndarray, scale: float, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stored depth -> (depth in mm as float32 with non-finite values set to 0, validity).
+
+    Validity is the `valid` array where the file has one, else depth that is finite and non-zero.
+    """
+    depth = np.asarray(stored, dtype=np.float32)
+    if scale != 1.0:
+        depth = depth * np.float32(scale)
+    finite = np.isfinite(depth)
+    valid = np.asarray(valid, dtype=bool) & finite if valid is not None else finite & (depth != 0)
+    return np.where(finite, depth, np.float32(0.0)), valid
+
+
 class H5Tiles(Dataset):
     """Tiles `indices` of one HDF5 file as dicts of depth (mm, float32), mask (float32) and valid (bool) tensors.
 
@@ -114,15 +129,10 @@ class H5Tiles(Dataset):
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw arrays of tile i (file order): depth in mm with non-finite values as 0, mask, valid."""
         f = self._handle()
-        depth = np.asarray(f[self.keys.depth][i], dtype=np.float32).reshape(self.info.height, self.info.width)
-        if self.info.scale != 1.0:
-            depth *= self.info.scale
-        finite = np.isfinite(depth)
-        if self.info.has_valid:
-            valid = np.asarray(f[self.keys.valid][i], dtype=bool) & finite
-        else:
-            valid = finite & (depth != 0)
-        depth[~finite] = 0.0
+        stored = f[self.keys.depth][i].reshape(self.info.height, self.info.width)
+        depth, valid = depth_and_validity(
+            stored, self.info.scale, f[self.keys.valid][i] if self.info.has_valid else None
+        )
         mask = np.asarray(f[self.keys.mask][i], dtype=np.float32)
         return depth, mask, valid
 

@@ -1,0 +1,68 @@
+"""`python -m glint_lightning.ckpt_info path.ckpt [--json]`: what a checkpoint holds, without a GPU or the data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from glint_lightning.errors import exit_on_user_error
+from glint_lightning.resume import load_checkpoint
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Epoch, step, metrics, threshold, optimizer state, model/loss config and size, as plain data."""
+    path = Path(path)
+    ckpt = load_checkpoint(path)  # weights_only=True, map_location="cpu": GPU-saved files load on CPU machines
+    hp = ckpt.get("hyper_parameters") or {}
+    best = {
+        state["monitor"]: state.get("best_model_score")
+        for key, state in (ckpt.get("callbacks") or {}).items()
+        if key.startswith("ModelCheckpoint") and state.get("monitor")
+    }
+    n_params = sum(v.numel() for k, v in ckpt["state_dict"].items() if k.startswith("model.") and v.is_floating_point())
+    return {
+        "path": str(path),
+        "size_mb": round(path.stat().st_size / 2**20, 2),
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+        "has_optimizer_state": "optimizer_states" in ckpt,
+        "threshold": hp.get("threshold"),
+        "metrics": ckpt.get("metrics", {}),
+        "best": {k: (float(v) if v is not None else None) for k, v in best.items()},
+        "model": hp.get("model"),
+        "loss": hp.get("loss"),
+        "parameters": n_params,
+        "glint_lightning_version": ckpt.get("glint_lightning_version"),
+    }
+
+
+def format_info(info: dict[str, Any]) -> str:
+    metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(info["metrics"].items()) if not k.endswith("_step"))
+    return "\n".join(
+        [
+            f"checkpoint:      {info['path']} ({info['size_mb']} MB)",
+            f"epoch / step:    {info['epoch']} / {info['global_step']}",
+            f"optimizer state: {'yes' if info['has_optimizer_state'] else 'no (weights-only resume)'}",
+            f"threshold:       {info['threshold']}",
+            f"best:            {info['best']}",
+            f"metrics:         {metrics or '-'}",
+            f"model:           {info['model']} ({info['parameters'] / 1e6:.2f}M parameters)",
+            f"loss:            {info['loss']}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m glint_lightning.ckpt_info", description=__doc__)
+    parser.add_argument("path", help="a .ckpt written by glint_lightning.train")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    args = parser.parse_args(argv)
+    info = describe(args.path)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+
+
+if __name__ == "__main__":
+    with exit_on_user_error():
+        main()
