@@ -82,6 +82,13 @@ class GlintModule(L.LightningModule):
         self.val_metrics = pixel_metrics("val", threshold, ap_bins)
         self.test_metrics = pixel_metrics("test", threshold, ap_bins)
 
+    def set_threshold(self, threshold: float) -> None:
+        """Use a (calibrated) probability threshold for the metrics and for inference from now on."""
+        self.hparams.threshold = threshold
+        for metric in (*self.val_metrics.values(), *self.test_metrics.values()):
+            if hasattr(metric, "threshold"):
+                metric.threshold = threshold
+
     def set_depth_stats(self, mean: float, std: float) -> None:
         """Normalisation statistics of the training data; part of the state dict so inference reuses them."""
         self.depth_mean.fill_(mean)

@@ -14,9 +14,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.errors import GlintError, exit_on_user_error
+from glint_lightning.evaluation import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
-from glint_lightning.resume import check_resumable, resolve_ckpt_path
+from glint_lightning.resume import check_resumable, load_checkpoint, resolve_ckpt_path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -99,6 +100,8 @@ def train(cfg: DictConfig) -> float | None:
         "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
         "final": _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}),
     }
+    if cfg.get("calibrate_threshold") and summary["best_checkpoint"]:
+        summary["threshold"] = _calibrate(module, datamodule, summary)
     if cfg.get("test") and datamodule.has_split("test"):
         best = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
@@ -112,6 +115,16 @@ def train(cfg: DictConfig) -> float | None:
     return None if score is None or math.isnan(score) else score
 
 
+def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any]) -> dict[str, float]:
+    """Pick the threshold maximising val F1 with the best weights; store it in the best and last checkpoints."""
+    module.load_state_dict(load_checkpoint(Path(summary["best_checkpoint"]))["state_dict"])
+    threshold, f1 = calibrate_threshold(module, datamodule.val_dataloader(), module.device)
+    for path in {summary["best_checkpoint"], summary["last_checkpoint"]} - {None}:
+        write_threshold(path, threshold, f1)
+    module.set_threshold(threshold)
+    return {"value": threshold, "val_f1": f1}
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     final = summary["final"]
     val = "  ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("val/"))
@@ -121,6 +134,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"last checkpoint: {summary['last_checkpoint']}",
         f"final val:       {val}",
     ]
+    if "threshold" in summary:
+        t = summary["threshold"]
+        lines.insert(
+            3, f"threshold:       {t['value']:.2f} (maximises val F1: {t['val_f1']:.4f}; stored in the checkpoints)"
+        )
     if "test" in summary:
         lines.append("test (best):     " + "  ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))
     lines.append(f"metrics:         {summary['run_dir']}/metrics.json, TensorBoard logs in {summary['run_dir']}")

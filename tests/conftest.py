@@ -11,9 +11,11 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from glint_lightning.module import GlintModule
 from glint_lightning.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,3 +117,16 @@ def trained_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> P
         cfg = compose("train", overrides=[*TINY, *fixed, "trainer.max_epochs=1", "test=false"])
     train(cfg)
     return run / "checkpoints" / "last.ckpt"
+
+
+def pointwise_module(weight: float, bias: float) -> GlintModule:
+    """A 'network' whose logit at each pixel is weight * normalised depth + bias: position-independent."""
+    module = GlintModule(
+        model={"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 1, "kernel_size": 1},
+        loss={"_target_": "glint_lightning.losses.BCELoss"},
+        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
+    )
+    with torch.no_grad():
+        module.model.weight.fill_(weight)
+        module.model.bias.fill_(bias)
+    return module.eval()

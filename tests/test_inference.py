@@ -9,20 +9,7 @@ import torch
 
 from glint_lightning.inference import FramePredictor, gaussian_importance, window_starts
 from glint_lightning.module import GlintModule
-from tests.conftest import run_cli
-
-
-def _pointwise_module(weight: float, bias: float) -> GlintModule:
-    """A 'network' whose logit at each pixel is weight * normalised depth + bias: position-independent."""
-    module = GlintModule(
-        model={"_target_": "torch.nn.Conv2d", "in_channels": 1, "out_channels": 1, "kernel_size": 1},
-        loss={"_target_": "glint_lightning.losses.BCELoss"},
-        optimizer={"_target_": "torch.optim.Adam", "lr": 1e-3},
-    )
-    with torch.no_grad():
-        module.model.weight.fill_(weight)
-        module.model.bias.fill_(bias)
-    return module.eval()
+from tests.conftest import pointwise_module, run_cli
 
 
 def test_gaussian_importance_map():
@@ -45,7 +32,7 @@ def test_windows_cover_the_frame(length, window, overlap):
 
 
 def test_constant_logits_give_a_constant_map_without_seams():
-    prob = FramePredictor(_pointwise_module(0.0, 0.7), (32, 32), overlap=0.5)(
+    prob = FramePredictor(pointwise_module(0.0, 0.7), (32, 32), overlap=0.5)(
         torch.rand(150, 97) * 1000 + 500, torch.ones(150, 97, dtype=torch.bool)
     )
     torch.testing.assert_close(prob, torch.full((150, 97), torch.sigmoid(torch.tensor(0.7)).item()))
@@ -53,7 +40,7 @@ def test_constant_logits_give_a_constant_map_without_seams():
 
 @pytest.mark.parametrize("shape", [(150, 97), (20, 50)])
 def test_windows_are_placed_where_they_were_cut(shape):
-    module = _pointwise_module(1.0, 0.0)  # logit = depth (mean 0, std 1): the map must equal sigmoid(depth)
+    module = pointwise_module(1.0, 0.0)  # logit = depth (mean 0, std 1): the map must equal sigmoid(depth)
     depth = torch.randn(*shape)
     valid = torch.rand(*shape) > 0.1
     expected = torch.sigmoid(torch.where(valid, depth, 0.0))
