@@ -60,6 +60,8 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     def _make(*overrides: str, run: str = "run") -> DictConfig:
         model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "unet")
         tiny = [o for o in TINY if not o.startswith("model.")] + TINY_MODEL[model]
+        if "data=h5" in overrides:  # your own files: no demo block
+            tiny = [o for o in tiny if not o.startswith("data.demo.")]
         fixed = [
             f"paths.output_dir={tmp_path / run}",
             f"paths.outputs_root={tmp_path}",
