@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing glint-lightning and its dependencies into $(VENV) (log: $(VENV)/pip.log)"
-	$(PY) -m pip install --disable-pip-version-check -e '.[dev,smp]' > $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev,smp,export]' > $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
 	$(PY) -c "import glint_lightning, torch, lightning, hydra, h5py, torchmetrics"
 	touch $(STAMP)
 

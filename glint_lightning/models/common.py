@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +13,23 @@ from glint_lightning.errors import GlintError
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad the bottom/right edges so H and W are multiples of `multiple` (crop back with [..., :h, :w])."""
-    h, w = x.shape[-2:]
-    pad_h, pad_w = (-h) % multiple, (-w) % multiple
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+    """Replicate-pad the bottom/right edges so H and W are multiples of `multiple` (crop back with [..., :h, :w]).
+
+    Written for TorchScript too: the exported models pad any input size at run time with it.
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    pad_h, pad_w = (multiple - h % multiple) % multiple, (multiple - w % multiple) % multiple
+    if pad_h == 0 and pad_w == 0:
+        return x
+    return F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
+
+
+def crop(out: torch.Tensor | dict[str, torch.Tensor], size: Sequence[int]) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Crop logits (or each entry of {"out", "aux"}) back to the input's (h, w)."""
+    h, w = size
+    if isinstance(out, dict):
+        return {k: v[..., :h, :w] for k, v in out.items()}
+    return out[..., :h, :w]
 
 
 def batchnorm_to_groupnorm(module: nn.Module, groups: int) -> nn.Module:

@@ -9,7 +9,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 
 from glint_lightning.models.backbones import Encoder
-from glint_lightning.models.common import batchnorm_to_groupnorm, check_norm, pad_to_multiple
+from glint_lightning.models.common import batchnorm_to_groupnorm, check_norm, crop, pad_to_multiple
 from glint_lightning.models.pretrained import apply_pretrained
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -73,14 +73,17 @@ class DeepLabV3Plus(nn.Module):
         imagenet = (self.backbone.weights_enum, backbone)
         apply_pretrained(self, pretrained, strict, backbone=self.backbone.body, imagenet=imagenet)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        h, w = x.shape[-2:]
-        x = pad_to_multiple(x, 32)
+    stride = 32  # inputs of forward_padded must have H and W divisible by this
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         feats = self.backbone(x)
         y = F.interpolate(self.aspp(feats[3]), size=feats[0].shape[-2:], mode="bilinear", align_corners=False)
         y = self.head(self.decoder(torch.cat([y, self.project(feats[0])], dim=1)))
-        out = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+        out = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.training and self.aux_head is not None:
             aux = F.interpolate(self.aux_head(feats[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return {"out": out, "aux": aux[..., :h, :w]}
+            return {"out": out, "aux": aux}
         return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        return crop(self.forward_padded(pad_to_multiple(x, self.stride)), x.shape[-2:])

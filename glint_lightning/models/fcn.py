@@ -9,7 +9,7 @@ from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
 from glint_lightning.models.backbones import Encoder
-from glint_lightning.models.common import batchnorm_to_groupnorm, check_norm, pad_to_multiple
+from glint_lightning.models.common import batchnorm_to_groupnorm, check_norm, crop, pad_to_multiple
 from glint_lightning.models.pretrained import apply_pretrained
 
 
@@ -72,17 +72,20 @@ class FCN(nn.Module):
         imagenet = (self.backbone.weights_enum, backbone)
         apply_pretrained(self, pretrained, strict, backbone=self.backbone.body, imagenet=imagenet)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        h, w = x.shape[-2:]
-        x = pad_to_multiple(x, 32)
+    stride = 32  # inputs of forward_padded must have H and W divisible by this
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         feats = self.backbone(x)
         y = self.head(feats[3])
         if self.score16 is not None:
             y = self.up32(y) + self.score16(feats[2])
         if self.score8 is not None:
             y = self.up16(y) + self.score8(feats[1])
-        out = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+        out = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.training and self.aux_head is not None:
             aux = F.interpolate(self.aux_head(feats[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return {"out": out, "aux": aux[..., :h, :w]}
+            return {"out": out, "aux": aux}
         return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        return crop(self.forward_padded(pad_to_multiple(x, self.stride)), x.shape[-2:])

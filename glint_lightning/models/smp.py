@@ -52,6 +52,11 @@ class SMPModel(nn.Module):
             raise GlintError(f"model.arch={arch} / model.encoder={encoder}: not known to smp ({err})") from None
         apply_pretrained(self, pretrained, strict)
 
+    stride = 32  # inputs of forward_padded must have H and W divisible by this
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        return self.net(pad_to_multiple(x, 32))[..., :h, :w]
+        return self.net(pad_to_multiple(x, self.stride))[..., :h, :w]

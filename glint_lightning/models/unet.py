@@ -114,12 +114,20 @@ class UNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        skips = [self.inc(pad_to_multiple(x, self.multiple))]
+    @property
+    def stride(self) -> int:
+        """Inputs of forward_padded must have H and W divisible by this."""
+        return self.multiple
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
         for down in self.downs:
             skips.append(down(skips[-1]))
         y = skips.pop()
         for up in self.ups:
             y = up(y, skips.pop())
-        return self.head(y)[..., :h, :w]
+        return self.head(y)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return self.forward_padded(pad_to_multiple(x, self.multiple))[..., :h, :w]
