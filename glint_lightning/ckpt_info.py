@@ -29,6 +29,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "global_step": ckpt.get("global_step"),
         "has_optimizer_state": "optimizer_states" in ckpt,
         "threshold": hp.get("threshold"),
+        "threshold_calibration": ckpt.get("threshold_calibration"),
         "metrics": ckpt.get("metrics", {}),
         "best": {k: (float(v) if v is not None else None) for k, v in best.items()},
         "model": hp.get("model"),
@@ -45,7 +46,8 @@ def format_info(info: dict[str, Any]) -> str:
             f"checkpoint:      {info['path']} ({info['size_mb']} MB)",
             f"epoch / step:    {info['epoch']} / {info['global_step']}",
             f"optimizer state: {'yes' if info['has_optimizer_state'] else 'no (weights-only resume)'}",
-            f"threshold:       {info['threshold']}",
+            f"threshold:       {info['threshold']}"
+            + (f" (calibrated: val F1 {cal['val_f1']:.4f})" if (cal := info["threshold_calibration"]) else ""),
             f"best:            {info['best']}",
             f"metrics:         {metrics or '-'}",
             f"model:           {info['model']} ({info['parameters'] / 1e6:.2f}M parameters)",

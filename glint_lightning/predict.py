@@ -1,7 +1,9 @@
 """`python -m glint_lightning.predict ckpt_path=run/checkpoints/best.ckpt input=frames.h5 output=masks.h5`
 
-Streams full depth frames of any size through the trained model (overlapping windows of the training tile size
-blended with a gaussian, or `mode=full`) and writes `prob` (float16) and `mask` (uint8) of each frame's size.
+Streams full depth frames of any size (an HDF5 file, or a folder of 16-bit PNG / .npy images) through the model
+(overlapping windows of the training tile size blended with a gaussian, or `mode=full`) and writes `prob`
+(float16) and `mask` (uint8) of each frame's size into an HDF5 file, or `<name>_mask.png` and
+`<name>_overlay.png` into a folder.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import h5py
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 from tqdm import tqdm
 
 from glint_lightning.data.h5 import depth_and_validity
@@ -39,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",  # auto | cpu | cuda
     "precision": "32",  # 32 | bf16 | 16
     "overwrite": False,
+    "overlays": None,  # folder for <frame>_overlay.png (depth in grey, glints red); folder inputs write them anyway
 }
 
 
@@ -62,12 +67,44 @@ def _frames(f: h5py.File, path: str, key: str) -> h5py.Dataset:
     return ds
 
 
+def overlay(depth: np.ndarray, valid: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """RGB uint8: valid depth in grey (1st-99th percentile stretch), invalid black, glints red."""
+    grey = np.zeros(depth.shape, np.float32)
+    if valid.any():
+        lo, hi = np.percentile(depth[valid], [1, 99])
+        grey = np.where(valid, np.clip((depth - lo) / max(hi - lo, 1e-6), 0, 1), 0)
+    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    rgb[mask.astype(bool)] = (rgb[mask.astype(bool)] * 0.3 + np.array([255, 0, 0]) * 0.7).astype(np.uint8)
+    return rgb
+
+
+def _folder_frames(src: Path, scale: float) -> tuple[int, Iterator[tuple[str, np.ndarray, np.ndarray]]]:
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".png", ".npy", ".tif", ".tiff"))
+    if not files:
+        raise GlintError(f"{src}: no .png, .tif or .npy depth images")
+
+    def gen() -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        for p in files:
+            stored = np.load(p) if p.suffix == ".npy" else np.asarray(Image.open(p))
+            if stored.ndim != 2:
+                raise GlintError(f"{p}: shape {stored.shape}; depth images must be single-channel (H, W)")
+            yield (p.stem, *depth_and_validity(stored, scale))
+
+    return len(files), gen()
+
+
 def predict_file(args: Any) -> dict[str, Any]:
-    """Predict every frame of args.input into args.output (written to a temporary file, renamed at the end)."""
+    """Predict every frame of args.input (HDF5 file or image folder) into args.output (HDF5 file or folder).
+
+    An HDF5 output is written to a temporary file and renamed at the end; an existing output is never replaced
+    unless overwrite=true.
+    """
     for name in ("ckpt_path", "input", "output"):
         if not args[name]:
             raise GlintError(f"{name} is not set; usage: {__doc__.strip().splitlines()[0]}")
-    out = Path(args.output)
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        raise GlintError(f"{src}: no such file or folder; pass input=<frames.h5 or a folder of depth images>")
     if out.exists() and not args.overwrite:
         raise GlintError(f"{out} exists; pass another output= or overwrite=true")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -75,48 +112,58 @@ def predict_file(args: Any) -> dict[str, Any]:
     threshold = float(module.hparams.threshold if args.threshold is None else args.threshold)
     window = _window(args.window, module)
     predictor = FramePredictor(module, window, args.overlap, args.batch_size, args.sigma, args.mode, args.precision)
-    src = Path(args.input)
-    if not src.is_file():
-        raise GlintError(f"{src}: no such file; pass input=<frames.h5>")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    start, pixels = time.perf_counter(), 0
-    try:
-        with h5py.File(src, "r") as f, h5py.File(tmp, "w") as g:
-            frames = _frames(f, str(src), args.key)
-            n, (height, width) = frames.shape[0], frames.shape[-2:]
-            scale = float(args.scale if args.scale is not None else frames.attrs.get("scale", 1.0))
-            valid_ds = f[args.valid_key] if args.valid_key else None
-            prob_ds = g.create_dataset("prob", (n, height, width), "float16", chunks=(1, height, width))
-            mask_ds = g.create_dataset("mask", (n, height, width), "uint8", chunks=(1, height, width))
-            for i in tqdm(range(n), desc=f"predict {src.name}", unit="frame", disable=n < 2):
-                stored = frames[i].reshape(height, width)
-                depth, valid = depth_and_validity(stored, scale, valid_ds[i] if valid_ds is not None else None)
-                prob = predictor(torch.from_numpy(depth), torch.from_numpy(valid)).numpy()
-                prob_ds[i] = prob.astype(np.float16)
-                mask_ds[i] = ((prob >= threshold) & valid).astype(np.uint8)
-                pixels += height * width
-            g.attrs.update(
-                {
-                    "checkpoint": str(args.ckpt_path),
-                    "threshold": threshold,
-                    "window": window,
-                    "overlap": args.overlap,
-                    "mode": args.mode,
-                }
-            )
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    overlays = Path(args.overlays) if args.overlays else (out if src.is_dir() else None)
+    if overlays is not None:
+        overlays.mkdir(parents=True, exist_ok=True)
+    start, pixels, n = time.perf_counter(), 0, 0
+
+    def run(depth: np.ndarray, valid: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal pixels
+        prob = predictor(torch.from_numpy(depth), torch.from_numpy(valid)).numpy()
+        mask = ((prob >= threshold) & valid).astype(np.uint8)
+        if overlays is not None:
+            Image.fromarray(overlay(depth, valid, mask)).save(overlays / f"{name}_overlay.png")
+        pixels += prob.size
+        return prob, mask
+
+    if src.is_dir():
+        n, frames = _folder_frames(src, float(args.scale or 1.0))
+        out.mkdir(parents=True, exist_ok=True)
+        for name, depth, valid in tqdm(frames, total=n, desc=f"predict {src.name}", unit="frame", disable=n < 2):
+            _, mask = run(depth, valid, name)
+            Image.fromarray(mask * 255).save(out / f"{name}_mask.png")
+        size = depth.shape
+    else:
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with h5py.File(src, "r") as f, h5py.File(tmp, "w") as g:
+                frames = _frames(f, str(src), args.key)
+                n, size = frames.shape[0], frames.shape[-2:]
+                scale = float(args.scale if args.scale is not None else frames.attrs.get("scale", 1.0))
+                valid_ds = f[args.valid_key] if args.valid_key else None
+                prob_ds = g.create_dataset("prob", (n, *size), "float16", chunks=(1, *size))
+                mask_ds = g.create_dataset("mask", (n, *size), "uint8", chunks=(1, *size))
+                for i in tqdm(range(n), desc=f"predict {src.name}", unit="frame", disable=n < 2):
+                    stored = frames[i].reshape(size)
+                    depth, valid = depth_and_validity(stored, scale, valid_ds[i] if valid_ds is not None else None)
+                    prob, mask_ds[i] = run(depth, valid, f"frame{i:05d}")
+                    prob_ds[i] = prob.astype(np.float16)
+                attrs = {"checkpoint": str(args.ckpt_path), "threshold": threshold, "window": window}
+                g.attrs.update({**attrs, "overlap": args.overlap, "mode": args.mode})
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     return {
         "output": str(out),
         "frames": n,
-        "size": (height, width),
+        "size": tuple(size),
         "threshold": threshold,
         "megapixels_per_s": pixels / 1e6 / max(seconds, 1e-9),
         "window": window,
         "mode": args.mode,
+        "overlays": str(overlays) if overlays else None,
     }
 
 
@@ -126,8 +173,9 @@ def main(argv: list[str]) -> None:
     if unknown:
         raise GlintError(f"predict: unknown option(s) {sorted(unknown)}; valid options are {sorted(DEFAULTS)}")
     r = predict_file(args)
+    what = "PNG masks and overlays" if Path(r["output"]).is_dir() else "prob (float16) and mask (uint8)"
     print(
-        f"wrote {r['output']}: prob (float16) and mask (uint8) for {r['frames']} frame(s) of {r['size'][0]}x"
+        f"wrote {r['output']}: {what} for {r['frames']} frame(s) of {r['size'][0]}x"
         f"{r['size'][1]}; threshold {r['threshold']}, {r['mode']} mode, window {r['window'][0]}x{r['window'][1]}, "
         f"{r['megapixels_per_s']:.2f} megapixels/s"
     )

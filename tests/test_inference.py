@@ -103,7 +103,35 @@ def test_ckpt_info_cli(trained_ckpt, tmp_path):
     assert "epoch / step:    0 / 6" in res.stdout and "optimizer state: yes" in res.stdout
     assert "glint_lightning.models.UNet" in res.stdout and "val/iou=" in res.stdout
     info = json.loads(run_cli("glint_lightning.ckpt_info", str(trained_ckpt), "--json", cwd=tmp_path).stdout)
-    assert info["threshold"] == 0.5 and info["has_optimizer_state"] and "val/iou" in info["best"]
+    stored = torch.load(trained_ckpt, weights_only=True)
+    assert info["threshold"] == stored["threshold_calibration"]["threshold"], "the calibrated threshold"
+    assert info["has_optimizer_state"] and "val/iou" in info["best"]
     assert info["metrics"]["val/iou"] == pytest.approx(info["best"]["val/iou"])
     missing = run_cli("glint_lightning.ckpt_info", "nope.ckpt", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: nope.ckpt: no such file")
+
+
+def test_predict_a_folder_of_png_and_npy_into_masks_and_overlays(trained_ckpt, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "frames").mkdir()
+    rng = np.random.default_rng(0)
+    depth = rng.uniform(600, 1400, (50, 90))
+    Image.fromarray(depth.astype(np.uint16)).save(tmp_path / "frames" / "a.png")
+    np.save(tmp_path / "frames" / "b.npy", depth.astype(np.float32))
+    res = run_cli("glint_lightning.predict", f"ckpt_path={trained_ckpt}", "input=frames", "output=out", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "wrote out: PNG masks and overlays for 2 frame(s) of 50x90" in res.stdout
+    for name in ("a", "b"):
+        mask = np.asarray(Image.open(tmp_path / "out" / f"{name}_mask.png"))
+        assert mask.shape == (50, 90) and set(np.unique(mask)) <= {0, 255}
+        assert np.asarray(Image.open(tmp_path / "out" / f"{name}_overlay.png")).shape == (50, 90, 3)
+
+
+def test_predict_h5_with_overlays(trained_ckpt, tmp_path):
+    with h5py.File(tmp_path / "frames.h5", "w") as f:
+        f["frames"] = np.random.default_rng(0).uniform(600, 1400, (2, 40, 60)).astype(np.float32)
+    args = [f"ckpt_path={trained_ckpt}", "input=frames.h5", "output=m.h5", "overlays=ov", "mode=full"]
+    res = run_cli("glint_lightning.predict", *args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ov").iterdir()) == ["frame00000_overlay.png", "frame00001_overlay.png"]
