@@ -91,7 +91,7 @@ def calibrate_threshold(module: GlintModule, loader: DataLoader, device: torch.d
     precision, recall = precision[:-1], recall[:-1]  # the last point is the (1, 0) end of the curve
     f1 = torch.nan_to_num(2 * precision * recall / (precision + recall).clamp_min(1e-12))  # no positives: 0
     best = int(torch.argmax(f1))
-    return float(thresholds[best]), float(f1[best])
+    return round(float(thresholds[best]), 4), float(f1[best])
 
 
 def write_threshold(path: str | Path, threshold: float, val_f1: float) -> None:
