@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from torch import nn
 
-from glint_lightning.errors import GlintError, exit_on_user_error
+from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
 from glint_lightning.models.common import pad_to_multiple
 from glint_lightning.module import GlintModule
 from glint_lightning.resume import load_checkpoint
@@ -160,10 +159,7 @@ def export(args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(argv))
-    unknown = set(args) - set(DEFAULTS)
-    if unknown:
-        raise GlintError(f"export: unknown option(s) {sorted(unknown)}; valid options are {sorted(DEFAULTS)}")
+    args = parse_options("export", DEFAULTS, argv)
     r = export(args)
     print(
         f"wrote {r['out']} ({r['format']}); max abs diff vs PyTorch on a {r['check_size'][0]}x{r['check_size'][1]} "

@@ -18,12 +18,11 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from glint_lightning.data.h5 import depth_and_validity
-from glint_lightning.errors import GlintError, exit_on_user_error
+from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
 from glint_lightning.inference import FramePredictor
 from glint_lightning.module import GlintModule
 
@@ -168,10 +167,7 @@ def predict_file(args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(argv))
-    unknown = set(args) - set(DEFAULTS)
-    if unknown:
-        raise GlintError(f"predict: unknown option(s) {sorted(unknown)}; valid options are {sorted(DEFAULTS)}")
+    args = parse_options("predict", DEFAULTS, argv)
     r = predict_file(args)
     what = "PNG masks and overlays" if Path(r["output"]).is_dir() else "prob (float16) and mask (uint8)"
     print(

@@ -18,10 +18,9 @@ from typing import Any
 
 import h5py
 import numpy as np
-from omegaconf import OmegaConf
 from PIL import Image
 
-from glint_lightning.errors import GlintError, exit_on_user_error
+from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
 from glint_lightning.inference import window_starts
 
 DEFAULTS: dict[str, Any] = {
@@ -124,30 +123,9 @@ def convert(args: Any) -> dict[str, Any]:
     files = {s: h5py.File(tmps[s], "w") for s in SPLITS}
     try:
         for s, g in files.items():
-            g.create_dataset(
-                "depth",
-                (0, tile, tile),
-                "float32",
-                maxshape=(None, tile, tile),
-                chunks=(1, tile, tile),
-                compression=compression,
-            )
-            g.create_dataset(
-                "mask",
-                (0, tile, tile),
-                "uint8",
-                maxshape=(None, tile, tile),
-                chunks=(1, tile, tile),
-                compression=compression,
-            )
-            g.create_dataset(
-                "valid",
-                (0, tile, tile),
-                "bool",
-                maxshape=(None, tile, tile),
-                chunks=(1, tile, tile),
-                compression=compression,
-            )
+            for key, dtype in (("depth", "float32"), ("mask", "uint8"), ("valid", "bool")):
+                shape = dict(shape=(0, tile, tile), maxshape=(None, tile, tile), chunks=(1, tile, tile))
+                g.create_dataset(key, dtype=dtype, compression=compression, **shape)
             g.create_dataset("frame", (0,), "int64", maxshape=(None,))
             g.attrs.update({"source": str(src), "split": s, "tile": tile, "stride": stride, "units": "mm"})
         for index, (depth, mask, valid) in enumerate(frames):
@@ -197,10 +175,7 @@ def convert(args: Any) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_dotlist(argv))
-    unknown = set(args) - set(DEFAULTS)
-    if unknown:
-        raise GlintError(f"convert: unknown option(s) {sorted(unknown)}; valid options are {sorted(DEFAULTS)}")
+    args = parse_options("convert", DEFAULTS, argv)
     result = convert(args)
     for s in SPLITS:
         print(f"{s}: {result['paths'][s]} ({result['tiles'][s]} tiles from {result['frames_per_split'][s]} frames)")

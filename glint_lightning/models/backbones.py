@@ -9,10 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
 from glint_lightning.errors import GlintError
+from glint_lightning.models.common import batchnorm_to_groupnorm, crop, pad_to_multiple
+from glint_lightning.models.pretrained import apply_pretrained
 
 # name -> (constructor, weights enum, stage boundaries, channels per stage)
 # Boundaries are the names (ResNet) or `features` indices (MobileNetV2, VGG) that end each stage.
@@ -101,3 +104,33 @@ class Encoder(nn.Module):
             x = stage(x)
             feats.append(x)
         return feats
+
+
+class BackboneSegmenter(nn.Module):
+    """What DeepLabV3Plus and FCN share: an Encoder `backbone`, an optional auxiliary head on the stride-16
+    features, GroupNorm heads, and pretrained loading. Each defines `_decode(feats) -> low-resolution logits`."""
+
+    stride = 32  # inputs of forward_padded must have H and W divisible by this
+    backbone: Encoder
+    aux_head: nn.Module | None
+
+    def _finish_init(
+        self, heads: list[nn.Module | None], norm: str, groups: int, pretrained: str | None, strict: bool
+    ) -> None:
+        if norm == "group":
+            for part in heads:
+                if part is not None:
+                    batchnorm_to_groupnorm(part, groups)
+        imagenet = (self.backbone.weights_enum, self.backbone.name)
+        apply_pretrained(self, pretrained, strict, backbone=self.backbone.body, imagenet=imagenet)
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        feats = self.backbone(x)
+        out = F.interpolate(self._decode(feats), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.training and self.aux_head is not None:
+            aux = F.interpolate(self.aux_head(feats[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
+            return {"out": out, "aux": aux}
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        return crop(self.forward_padded(pad_to_multiple(x, self.stride)), x.shape[-2:])

@@ -8,9 +8,8 @@ from torch import nn
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
 
-from glint_lightning.models.backbones import Encoder
-from glint_lightning.models.common import batchnorm_to_groupnorm, check_norm, crop, pad_to_multiple
-from glint_lightning.models.pretrained import apply_pretrained
+from glint_lightning.models.backbones import BackboneSegmenter, Encoder
+from glint_lightning.models.common import check_norm
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -21,7 +20,7 @@ def _conv_norm_relu(cin: int, cout: int, k: int) -> nn.Sequential:
     )
 
 
-class DeepLabV3Plus(nn.Module):
+class DeepLabV3Plus(BackboneSegmenter):
     """Encoder -> ASPP (1x1, three atrous 3x3, image pooling) -> decoder fusing stride-4 features -> logits.
 
     Args:
@@ -66,24 +65,8 @@ class DeepLabV3Plus(nn.Module):
         )
         self.head = nn.Conv2d(decoder_channels, out_channels, 1)
         self.aux_head = FCNHead(ch[2], out_channels) if aux else None
-        if norm == "group":
-            for part in (self.aspp, self.project, self.decoder, self.aux_head):
-                if part is not None:
-                    batchnorm_to_groupnorm(part, groups)
-        imagenet = (self.backbone.weights_enum, backbone)
-        apply_pretrained(self, pretrained, strict, backbone=self.backbone.body, imagenet=imagenet)
+        self._finish_init([self.aspp, self.project, self.decoder, self.aux_head], norm, groups, pretrained, strict)
 
-    stride = 32  # inputs of forward_padded must have H and W divisible by this
-
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        feats = self.backbone(x)
+    def _decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
         y = F.interpolate(self.aspp(feats[3]), size=feats[0].shape[-2:], mode="bilinear", align_corners=False)
-        y = self.head(self.decoder(torch.cat([y, self.project(feats[0])], dim=1)))
-        out = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        if self.training and self.aux_head is not None:
-            aux = F.interpolate(self.aux_head(feats[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return {"out": out, "aux": aux}
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        return crop(self.forward_padded(pad_to_multiple(x, self.stride)), x.shape[-2:])
+        return self.head(self.decoder(torch.cat([y, self.project(feats[0])], dim=1)))

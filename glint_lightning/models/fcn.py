@@ -4,13 +4,11 @@ up-sampling, then up-sampled to the input size."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from glint_lightning.models.backbones import Encoder
-from glint_lightning.models.common import batchnorm_to_groupnorm, check_norm, crop, pad_to_multiple
-from glint_lightning.models.pretrained import apply_pretrained
+from glint_lightning.models.backbones import BackboneSegmenter, Encoder
+from glint_lightning.models.common import check_norm
 
 
 def _bilinear_upsampler(channels: int) -> nn.ConvTranspose2d:
@@ -25,7 +23,7 @@ def _bilinear_upsampler(channels: int) -> nn.ConvTranspose2d:
     return up
 
 
-class FCN(nn.Module):
+class FCN(BackboneSegmenter):
     """Fully convolutional network.
 
     Args:
@@ -65,27 +63,12 @@ class FCN(nn.Module):
                 nn.init.zeros_(score.weight)
                 nn.init.zeros_(score.bias)
         self.aux_head = FCNHead(ch[2], out_channels) if aux else None
-        if norm == "group":
-            for part in (self.head, self.aux_head):
-                if part is not None:
-                    batchnorm_to_groupnorm(part, groups)
-        imagenet = (self.backbone.weights_enum, backbone)
-        apply_pretrained(self, pretrained, strict, backbone=self.backbone.body, imagenet=imagenet)
+        self._finish_init([self.head, self.aux_head], norm, groups, pretrained, strict)
 
-    stride = 32  # inputs of forward_padded must have H and W divisible by this
-
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        feats = self.backbone(x)
+    def _decode(self, feats: list[torch.Tensor]) -> torch.Tensor:
         y = self.head(feats[3])
         if self.score16 is not None:
             y = self.up32(y) + self.score16(feats[2])
         if self.score8 is not None:
             y = self.up16(y) + self.score8(feats[1])
-        out = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        if self.training and self.aux_head is not None:
-            aux = F.interpolate(self.aux_head(feats[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
-            return {"out": out, "aux": aux}
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        return crop(self.forward_padded(pad_to_multiple(x, self.stride)), x.shape[-2:])
+        return y
