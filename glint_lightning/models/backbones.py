@@ -96,7 +96,6 @@ class Encoder(nn.Module):
             self._stages = [self.body.features[s:e] for s, e in zip(starts, ends)]
             for i in range(n_dilated):
                 _dilate(self._stages[3 - i], 2 ** (n_dilated - i))
-        self.strides = [min(s, output_stride) for s in (4, 8, 16, 32)]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = []
