@@ -3,7 +3,6 @@ threshold that maximises validation F1."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from scipy import ndimage
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
+from glint_lightning.checkpoint_io import atomic_torch_save
 from glint_lightning.module import GlintModule
 
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -100,12 +100,4 @@ def write_threshold(path: str | Path, threshold: float, val_f1: float) -> None:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["hyper_parameters"]["threshold"] = threshold
     ckpt["threshold_calibration"] = {"threshold": threshold, "val_f1": val_f1}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_torch_save(ckpt, path)

@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
+from glint_lightning.checkpoint_io import atomic_torch_save
 from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
 from glint_lightning.models.common import pad_to_multiple
 from glint_lightning.module import GlintModule
@@ -84,7 +85,7 @@ def export_pth(ckpt: dict[str, Any], module: GlintModule, out: Path, check_size:
     }
     if "optimizer_states" in ckpt:
         payload["optimizer_state_dict"] = ckpt["optimizer_states"][0]
-    _save_atomically(out, lambda p: torch.save(payload, p))
+    atomic_torch_save(payload, out)
     loaded = torch.load(out, map_location="cpu", weights_only=True)
     model_cfg = {k: v for k, v in loaded["model_config"].items() if k not in ("freeze", "unfreeze_at_epoch")}
     net = instantiate({**model_cfg, "pretrained": None} if "pretrained" in model_cfg else model_cfg).eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -85,7 +86,15 @@ def train(cfg: DictConfig) -> float | None:
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise GlintError(
+            f"{ckpt_dir}: disk full while writing a checkpoint; the previous checkpoints are intact. Free space and "
+            f"resume with hydra.run.dir={run_dir} ckpt_path=last"
+        ) from None
     if trainer.interrupted:
         raise GlintError(f"training was interrupted; resume with hydra.run.dir={run_dir} ckpt_path=last")
 
