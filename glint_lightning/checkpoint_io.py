@@ -1,4 +1,4 @@
-"""Checkpoint files written atomically: a kill or a full disk mid-write leaves the previous file intact.
+"""Files written atomically: a kill or a full disk mid-write leaves the previous file intact.
 
 Lightning serialises into memory and hands the bytes to fsspec, whose local commit may copy across file systems
 and never fsyncs. Here each checkpoint goes to a temporary file in the target folder, is flushed to disk, and
@@ -8,6 +8,8 @@ replaces the target with one rename.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +17,34 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to `path` via a same-folder temporary file, fsync and rename; no temporary file is left."""
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write; on success it is fsynced and renamed onto `path` (and the
+    rename made durable), on failure removed. A kill or error mid-write leaves the old `path` as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through atomic_output."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

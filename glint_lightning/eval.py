@@ -57,7 +57,8 @@ def evaluate(args: Any, data_overrides: dict[str, Any]) -> dict[str, Any]:
     if not args.ckpt_path:
         raise GlintError(f"ckpt_path is not set; usage: {__doc__.strip().splitlines()[0]}")
     ckpt_path = Path(args.ckpt_path)
-    config = load_checkpoint(ckpt_path).get("hyper_parameters", {}).get("config")
+    ckpt = load_checkpoint(ckpt_path)
+    config = ckpt.get("hyper_parameters", {}).get("config")
     if not config or "data" not in config:
         raise GlintError(f"{ckpt_path}: no data config stored; it was not written by glint_lightning.train")
     datamodule = instantiate(OmegaConf.merge(config["data"], data_overrides), _convert_="all")
@@ -66,7 +67,7 @@ def evaluate(args: Any, data_overrides: dict[str, Any]) -> dict[str, Any]:
     if not datamodule.has_split(args.split):
         raise GlintError(f"no {args.split} split in the stored data config; pass data.{args.split}_path=<file.h5>")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    module = GlintModule.from_checkpoint(str(ckpt_path), map_location=device)
+    module = GlintModule.from_checkpoint_dict(ckpt, map_location=device)
     result: dict[str, Any] = {"checkpoint": str(ckpt_path), "split": args.split}
     if args.calibrate:
         threshold, f1 = calibrate_threshold(module, datamodule.val_dataloader(), device)

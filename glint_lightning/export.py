@@ -8,7 +8,6 @@ loads into the network); `torchscript` and `onnx` take depth in mm and validity,
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from glint_lightning.checkpoint_io import atomic_torch_save
+from glint_lightning.checkpoint_io import atomic_output, atomic_torch_save
 from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
 from glint_lightning.models.common import pad_to_multiple
 from glint_lightning.module import GlintModule
@@ -51,16 +50,6 @@ class ExportedGlintModel(nn.Module):
         x = (depth - self.mean) / self.std
         x = torch.where(valid, x, torch.zeros_like(x))
         return self.core(pad_to_multiple(x, self.stride))[:, :, :h, :w]
-
-
-def _save_atomically(out: Path, write: Any) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _check_inputs(module: GlintModule, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +92,8 @@ def export_torchscript(module: GlintModule, out: Path, check_size: tuple[int, in
     scripted = torch.jit.script(
         ExportedGlintModel(core, int(net.stride), float(module.depth_mean), float(module.depth_std))
     )
-    _save_atomically(out, lambda p: scripted.save(str(p)))
+    with atomic_output(out) as tmp:
+        scripted.save(str(tmp))
     loaded = torch.jit.load(str(out))
     depth, valid = _check_inputs(module, check_size)
     with torch.no_grad():
@@ -119,20 +109,17 @@ def export_onnx(module: GlintModule, out: Path, check_size: tuple[int, int]) -> 
     wrapper = ExportedGlintModel(_Padded(net), int(net.stride), float(module.depth_mean), float(module.depth_std))
     depth, valid = _check_inputs(module, (2 * net.stride + 3, 2 * net.stride + 5))
     dims = {0: torch.export.Dim("batch", max=4096), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-
-    def write(path: Path) -> None:
+    with atomic_output(out) as tmp:
         torch.onnx.export(
             wrapper,
             (depth, valid),
-            str(path),
+            str(tmp),
             dynamo=True,
             input_names=["depth", "valid"],
             output_names=["logits"],
             dynamic_shapes=(dims, dims),
             verbose=False,
         )
-
-    _save_atomically(out, write)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     depth, valid = _check_inputs(module, check_size)
     (logits,) = session.run(None, {"depth": depth.numpy(), "valid": valid.numpy()})
@@ -147,7 +134,7 @@ def export(args: Any) -> dict[str, Any]:
         raise GlintError(f"format={args.format}; use pth, torchscript or onnx")
     ckpt_path = Path(args.ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
-    module = GlintModule.from_checkpoint(str(ckpt_path))
+    module = GlintModule.from_checkpoint_dict(ckpt)
     out = Path(args.out) if args.out else ckpt_path.with_suffix(SUFFIX[args.format])
     check_size = tuple(int(v) for v in args.check_size)
     if args.format == "pth":

@@ -97,7 +97,11 @@ class GlintModule(L.LightningModule):
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> GlintModule:
         """Rebuild (in eval mode) from a checkpoint without fetching `model.pretrained` again."""
-        ckpt = load_checkpoint(path)
+        return cls.from_checkpoint_dict(load_checkpoint(path), map_location)
+
+    @classmethod
+    def from_checkpoint_dict(cls, ckpt: dict[str, Any], map_location: str | torch.device = "cpu") -> GlintModule:
+        """from_checkpoint for a checkpoint already loaded (with resume.load_checkpoint)."""
         hparams = dict(ckpt["hyper_parameters"])
         hparams["model"] = {**hparams["model"], **({"pretrained": None} if "pretrained" in hparams["model"] else {})}
         module = cls(**hparams)

@@ -8,7 +8,6 @@ Streams full depth frames of any size (an HDF5 file, or a folder of 16-bit PNG /
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from glint_lightning.checkpoint_io import atomic_output
 from glint_lightning.data.h5 import depth_and_validity
 from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
 from glint_lightning.inference import FramePredictor
@@ -133,26 +133,20 @@ def predict_file(args: Any) -> dict[str, Any]:
             Image.fromarray(mask * 255).save(out / f"{name}_mask.png")
         size = depth.shape
     else:
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with h5py.File(src, "r") as f, h5py.File(tmp, "w") as g:
-                frames = _frames(f, str(src), args.key)
-                n, size = frames.shape[0], frames.shape[-2:]
-                scale = float(args.scale if args.scale is not None else frames.attrs.get("scale", 1.0))
-                valid_ds = f[args.valid_key] if args.valid_key else None
-                prob_ds = g.create_dataset("prob", (n, *size), "float16", chunks=(1, *size))
-                mask_ds = g.create_dataset("mask", (n, *size), "uint8", chunks=(1, *size))
-                for i in tqdm(range(n), desc=f"predict {src.name}", unit="frame", disable=n < 2):
-                    stored = frames[i].reshape(size)
-                    depth, valid = depth_and_validity(stored, scale, valid_ds[i] if valid_ds is not None else None)
-                    prob, mask_ds[i] = run(depth, valid, f"frame{i:05d}")
-                    prob_ds[i] = prob.astype(np.float16)
-                attrs = {"checkpoint": str(args.ckpt_path), "threshold": threshold, "window": window}
-                g.attrs.update({**attrs, "overlap": args.overlap, "mode": args.mode})
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with atomic_output(out) as tmp, h5py.File(src, "r") as f, h5py.File(tmp, "w") as g:
+            frames = _frames(f, str(src), args.key)
+            n, size = frames.shape[0], frames.shape[-2:]
+            scale = float(args.scale if args.scale is not None else frames.attrs.get("scale", 1.0))
+            valid_ds = f[args.valid_key] if args.valid_key else None
+            prob_ds = g.create_dataset("prob", (n, *size), "float16", chunks=(1, *size))
+            mask_ds = g.create_dataset("mask", (n, *size), "uint8", chunks=(1, *size))
+            for i in tqdm(range(n), desc=f"predict {src.name}", unit="frame", disable=n < 2):
+                stored = frames[i].reshape(size)
+                depth, valid = depth_and_validity(stored, scale, valid_ds[i] if valid_ds is not None else None)
+                prob, mask_ds[i] = run(depth, valid, f"frame{i:05d}")
+                prob_ds[i] = prob.astype(np.float16)
+            attrs = {"checkpoint": str(args.ckpt_path), "threshold": threshold, "window": window}
+            g.attrs.update({**attrs, "overlap": args.overlap, "mode": args.mode})
     seconds = time.perf_counter() - start
     return {
         "output": str(out),

@@ -10,9 +10,9 @@ Sources: an HDF5 file with `frames` and `masks` (N, H, W) (and optional `valid`)
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,8 @@ import h5py
 import numpy as np
 from PIL import Image
 
+from glint_lightning.checkpoint_io import atomic_output
+from glint_lightning.data.h5 import depth_and_validity
 from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
 from glint_lightning.inference import window_starts
 
@@ -117,11 +119,10 @@ def convert(args: Any) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed + 1)
     compression = None if args.compression in (None, "none") else args.compression
     paths = {s: out.with_name(f"{out.stem}_{s}{out.suffix or '.h5'}") for s in SPLITS}
-    tmps = {s: p.with_name(f".{p.name}.tmp-{os.getpid()}") for s, p in paths.items()}
     counts = dict.fromkeys(SPLITS, 0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    files = {s: h5py.File(tmps[s], "w") for s in SPLITS}
-    try:
+    with ExitStack() as stack:  # files close first, then each temporary file is renamed into place
+        tmps = {s: stack.enter_context(atomic_output(p)) for s, p in paths.items()}
+        files = {s: stack.enter_context(h5py.File(tmps[s], "w")) for s in SPLITS}
         for s, g in files.items():
             for key, dtype in (("depth", "float32"), ("mask", "uint8"), ("valid", "bool")):
                 shape = dict(shape=(0, tile, tile), maxshape=(None, tile, tile), chunks=(1, tile, tile))
@@ -133,10 +134,7 @@ def convert(args: Any) -> dict[str, Any]:
                 raise GlintError(f"{src}: frame {index}: depth {depth.shape} and mask {mask.shape} differ")
             if ((mask != 0) & (mask != 1)).any() and not set(np.unique(mask)) <= {0, 255}:
                 raise GlintError(f"{src}: frame {index}: mask values {np.unique(mask)[:5].tolist()} are not binary")
-            d = depth.astype(np.float32) * np.float32(scale)
-            finite = np.isfinite(d)
-            v = (valid.astype(bool) if valid is not None else d != 0) & finite
-            d = np.where(finite, d, np.float32(0.0))
+            d, v = depth_and_validity(depth, scale, valid)
             m = (mask > 0).astype(np.uint8)
             if min(d.shape) < tile:
                 raise GlintError(f"{src}: frame {index} is {d.shape[0]}x{d.shape[1]}, smaller than tile={tile}")
@@ -157,15 +155,6 @@ def convert(args: Any) -> dict[str, Any]:
             g["valid"][k:] = np.stack([v[y : y + tile, x : x + tile] for y, x in picks])
             g["frame"][k:] = index
             counts[s] += len(picks)
-        for f in files.values():
-            f.close()
-        for s in SPLITS:
-            os.replace(tmps[s], paths[s])
-    finally:
-        for f in files.values():
-            f.close()
-        for t in tmps.values():
-            t.unlink(missing_ok=True)
     return {
         "paths": {s: str(p) for s, p in paths.items()},
         "tiles": counts,
