@@ -16,6 +16,19 @@ EXIT_USER_ERROR = 2
 class GlintError(Exception):
     """A problem with the user's input (file, key, option) rather than a bug in the framework."""
 
+    prefix = "error"
+    exit_code = EXIT_USER_ERROR
+
+
+class Interrupted(GlintError):
+    """The run was stopped by a signal after saving a resumable checkpoint; exits with 128 + the signal number."""
+
+    prefix = "interrupted"
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
 
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
@@ -25,8 +38,8 @@ def exit_on_user_error() -> Iterator[None]:
     except GlintError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+        print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(err.exit_code) from None
 
 
 def parse_options(command: str, defaults: dict[str, Any], argv: list[str]) -> DictConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,11 @@ import hydra
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from glint_lightning.errors import GlintError, exit_on_user_error
+from glint_lightning.callbacks import CheckpointOnInterrupt
+from glint_lightning.errors import GlintError, Interrupted, exit_on_user_error
 from glint_lightning.evaluation import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
@@ -95,6 +98,8 @@ def train(cfg: DictConfig) -> float | None:
             f"{ckpt_dir}: disk full while writing a checkpoint; the previous checkpoints are intact. Free space and "
             f"resume with hydra.run.dir={run_dir} ckpt_path=last"
         ) from None
+    except SIGTERMException:
+        raise _interrupted(trainer, run_dir) from None
     if trainer.interrupted:
         raise GlintError(f"training was interrupted; resume with hydra.run.dir={run_dir} ckpt_path=last")
 
@@ -122,6 +127,18 @@ def train(cfg: DictConfig) -> float | None:
     if score is None:
         score = summary["final"].get(cfg.optimized_metric)
     return None if score is None or math.isnan(score) else score
+
+
+def _interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
+    """SIGTERM / Ctrl-C: one line saying what was saved and how to go on."""
+    saver = next((cb for cb in trainer.callbacks if isinstance(cb, CheckpointOnInterrupt)), None)
+    name = saver.signal_name if saver else "SIGTERM"
+    saved = f"saved {saver.path}" if saver else "no checkpoint saved (callbacks.interrupt_checkpoint is off)"
+    return Interrupted(
+        f"{name} at epoch {trainer.current_epoch}, step {trainer.global_step}; {saved}. Resume with "
+        f"python -m glint_lightning.train hydra.run.dir={run_dir} ckpt_path=last",
+        signal.SIGINT if name == "Ctrl-C" else signal.SIGTERM,
+    )
 
 
 def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any]) -> dict[str, float]:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import h5py
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -132,3 +134,14 @@ def pointwise_module(weight: float, bias: float) -> GlintModule:
         module.model.weight.fill_(weight)
         module.model.bias.fill_(bias)
     return module.eval()
+
+
+class SignalAtStep(L.Callback):
+    """Sends this process `signum` right after optimizer step `step`, as `kill` or Ctrl-C would."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)

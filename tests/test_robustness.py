@@ -29,7 +29,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(make_cfg, tmp_
     assert (ckpts / "last.ckpt").read_bytes() == before
     assert not [p.name for p in ckpts.iterdir() if ".tmp-" in p.name], "no temporary files pile up"
     monkeypatch.undo()
-    assert torch.load(ckpts / "last.ckpt", weights_only=True)["epoch"] == 0
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
 class _Payload:

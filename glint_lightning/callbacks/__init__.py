@@ -3,6 +3,7 @@
 from glint_lightning.callbacks.feature_maps import FeatureMaps
 from glint_lightning.callbacks.finetuning import FreezeParts
 from glint_lightning.callbacks.images import PredictionImages
+from glint_lightning.callbacks.interrupt import CheckpointOnInterrupt
 from glint_lightning.callbacks.optimizer_state import OptimizerStateCallback
 
-__all__ = ["FeatureMaps", "FreezeParts", "OptimizerStateCallback", "PredictionImages"]
+__all__ = ["CheckpointOnInterrupt", "FeatureMaps", "FreezeParts", "OptimizerStateCallback", "PredictionImages"]

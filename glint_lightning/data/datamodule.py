@@ -20,23 +20,51 @@ from glint_lightning.seeding import STREAM_AUGMENT, STREAM_SHUFFLE, derive_seed
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation keyed to (seed, epoch): resuming at epoch e replays exactly epoch e's order.
+    """This rank's share of a permutation keyed to (seed, epoch), from tile `start` on.
 
-    Lightning calls `set_epoch` at the start of every training epoch.
+    Resuming at epoch e replays exactly epoch e's order, and `start` skips what a mid-epoch checkpoint already
+    trained on. Under DDP every rank draws the same permutation and takes every `world_size`-th tile of it, so the
+    shards are disjoint and cover the set; each rank gets `n // world_size` tiles (a different few are left out
+    each epoch) because DDP needs the same number of steps on every rank. Lightning calls `set_epoch`.
     """
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch = 0
+        self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(derive_seed(self.seed, STREAM_SHUFFLE, self.epoch))
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        share = torch.randperm(self.n, generator=g)[self.rank :: self.world_size][: len(self)]
+        return iter(share[self.start :].tolist())
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world_size
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, able to continue an epoch where a mid-epoch checkpoint (every N steps, SIGTERM) left it.
+
+    Lightning stores `state_dict()` in the checkpoint and calls `load_state_dict()` before iterating again. The
+    datamodule counts batches as they reach the training step, so batches a worker prefetched do not count.
+    """
+
+    batches_done = 0
+    _resume_at = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_at = int(state["batches_done"])
+
+    def __iter__(self) -> Iterator[Any]:
+        self.sampler.start = self._resume_at * self.batch_size
+        self.batches_done, self._resume_at = self._resume_at, 0
+        return super().__iter__()
 
 
 class GlintDataModule(L.LightningDataModule):
@@ -145,16 +173,22 @@ class GlintDataModule(L.LightningDataModule):
 
     def _loader(self, name: str, train: bool) -> DataLoader:
         ds = self.datasets[name]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
         workers = self.hparams.num_workers
-        return DataLoader(
-            ds,
-            batch_size=self.hparams.batch_size if train else (self.hparams.eval_batch_size or self.hparams.batch_size),
-            sampler=EpochShuffleSampler(len(ds), self.seed) if train else None,
-            drop_last=train and len(ds) > self.hparams.batch_size,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.persistent_workers and workers > 0,
+        common = {"num_workers": workers, "pin_memory": self.hparams.pin_memory}
+        common["persistent_workers"] = self.hparams.persistent_workers and workers > 0
+        if not train:
+            # Under DDP each rank evaluates its own slice; torchmetrics sums the counts over ranks.
+            batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+            return DataLoader(ds, batch_size=batch_size, sampler=range(rank, len(ds), world), **common)
+        sampler = EpochShuffleSampler(len(ds), self.seed, rank, world)
+        if self.trainer is not None:  # Lightning sets the epoch only after the first iter(); workers start before
+            sampler.set_epoch(self.trainer.current_epoch)
+        batch_size = self.hparams.batch_size
+        self._train_loader = ResumableLoader(
+            ds, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) > batch_size, **common
         )
+        return self._train_loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -171,6 +205,7 @@ class GlintDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return batch
+        self._train_loader.batches_done += 1
         device = batch["depth"].device
         g = torch.Generator(device=device if device.type == "cuda" else "cpu")
         g.manual_seed(derive_seed(self.seed, STREAM_AUGMENT, trainer.global_step))

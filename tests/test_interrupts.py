@@ -1,0 +1,67 @@
+"""SIGTERM and Ctrl-C stop a run with a resumable checkpoint; a mid-epoch checkpoint resumes exactly."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from glint_lightning.errors import Interrupted
+from glint_lightning.train import train
+
+# 48 training tiles in batches of 8: 6 steps an epoch. Dropout, augmentation noise and a schedule make any
+# replayed or skipped batch, or lost optimizer state, show in the weights.
+EXACT = [
+    "trainer.deterministic=true",
+    "scheduler=exponential",
+    "model.dropout=0.2",
+    "test=false",
+    "data.augment.depth_noise=0.01",
+]
+
+
+def _stop_at(step: int, signum: int) -> list[str]:
+    return [
+        "+callbacks.stop._target_=tests.conftest.SignalAtStep",
+        f"+callbacks.stop.step={step}",
+        f"+callbacks.stop.signum={int(signum)}",
+    ]
+
+
+def _ckpt(path):
+    return torch.load(path, weights_only=True)
+
+
+@pytest.mark.parametrize("signum, name, code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
+def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(make_cfg, tmp_path, signum, name, code):
+    train(make_cfg(*EXACT, run="straight"))
+    with pytest.raises(
+        Interrupted,
+        match=rf"{name} at epoch 1, step 8; saved .*last\.ckpt\. Resume with .*"
+        r"ckpt_path=last",
+    ) as info:
+        train(make_cfg(*EXACT, *_stop_at(8, signum), run="split"))
+    assert info.value.exit_code == code
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "Ctrl-C handling is restored"
+    saved = _ckpt(tmp_path / "split/checkpoints/last.ckpt")
+    assert (saved["epoch"], saved["global_step"]) == (1, 8)
+    train(make_cfg(*EXACT, "ckpt_path=last", run="split"))
+    straight = _ckpt(tmp_path / "straight/checkpoints/last.ckpt")["state_dict"]
+    resumed = _ckpt(tmp_path / "split/checkpoints/last.ckpt")
+    assert resumed["global_step"] == 12, "the resumed epoch runs only its 4 remaining steps"
+    for key in straight:
+        torch.testing.assert_close(resumed["state_dict"][key], straight[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_step_checkpoints_refresh_last_ckpt_within_an_epoch(make_cfg, tmp_path):
+    train(
+        make_cfg(
+            "test=false",
+            "trainer.max_epochs=1",
+            "callbacks.step_checkpoint.every_n_train_steps=2",
+            *_stop_at(5, signal.SIGKILL)[:0],
+            run="steps",
+        )
+    )
+    assert _ckpt(tmp_path / "steps/checkpoints/last.ckpt")["global_step"] == 6
