@@ -17,6 +17,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.callbacks import CheckpointOnInterrupt
+from glint_lightning.checkpoint_io import remove_stale_temporaries
 from glint_lightning.errors import GlintError, Interrupted, exit_on_user_error
 from glint_lightning.evaluation import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
@@ -84,6 +85,7 @@ def train(cfg: DictConfig) -> float | None:
     else:
         module.set_depth_stats(*datamodule.depth_stats)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(ckpt_dir)
     datamodule.save_description(run_dir / "data.json")
 
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
@@ -133,7 +135,10 @@ def _interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
     """SIGTERM / Ctrl-C: one line saying what was saved and how to go on."""
     saver = next((cb for cb in trainer.callbacks if isinstance(cb, CheckpointOnInterrupt)), None)
     name = saver.signal_name if saver else "SIGTERM"
-    saved = f"saved {saver.path}" if saver else "no checkpoint saved (callbacks.interrupt_checkpoint is off)"
+    if saver and saver.saved:
+        saved = f"saved {saver.path}"
+    else:
+        saved = "kept the previous last.ckpt (no resumable state between an epoch's last batch and its end)"
     return Interrupted(
         f"{name} at epoch {trainer.current_epoch}, step {trainer.global_step}; {saved}. Resume with "
         f"python -m glint_lightning.train hydra.run.dir={run_dir} ckpt_path=last",

@@ -145,3 +145,25 @@ class SignalAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), self.signum)
+
+
+class Crash(BaseException):
+    """A process death, minus the process: no hook may catch it and save anything."""
+
+
+class CrashAt(L.Callback):
+    """Raises Crash when Lightning calls `on_<hook>` after optimizer step `step` (hook: train_batch_start or
+    validation_start)."""
+
+    def __init__(self, step: int, hook: str) -> None:
+        self.step, self.hook = step, hook
+
+    def _maybe_crash(self, hook: str, trainer: L.Trainer) -> None:
+        if hook == self.hook and trainer.global_step == self.step:
+            raise Crash(f"crash at {hook}, step {self.step}")
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        self._maybe_crash("train_batch_start", trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, *args: object) -> None:
+        self._maybe_crash("validation_start", trainer)

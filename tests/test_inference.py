@@ -100,7 +100,7 @@ def test_predict_cli_writes_prob_and_mask_of_each_frame(trained_ckpt, tmp_path):
 def test_ckpt_info_cli(trained_ckpt, tmp_path):
     res = run_cli("glint_lightning.ckpt_info", str(trained_ckpt), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "epoch / step:    1 / 6" in res.stdout and "optimizer state: yes" in res.stdout
+    assert "epoch / step:    0 / 6" in res.stdout and "optimizer state: yes" in res.stdout
     assert "glint_lightning.models.UNet" in res.stdout and "val/iou=" in res.stdout
     info = json.loads(run_cli("glint_lightning.ckpt_info", str(trained_ckpt), "--json", cwd=tmp_path).stdout)
     stored = torch.load(trained_ckpt, weights_only=True)

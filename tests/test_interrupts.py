@@ -9,6 +9,7 @@ import torch
 
 from glint_lightning.errors import Interrupted
 from glint_lightning.train import train
+from tests.conftest import Crash
 
 # 48 training tiles in batches of 8: 6 steps an epoch. Dropout, augmentation noise and a schedule make any
 # replayed or skipped batch, or lost optimizer state, show in the weights.
@@ -65,3 +66,25 @@ def test_step_checkpoints_refresh_last_ckpt_within_an_epoch(make_cfg, tmp_path):
         )
     )
     assert _ckpt(tmp_path / "steps/checkpoints/last.ckpt")["global_step"] == 6
+
+
+@pytest.mark.parametrize("hook, step, saved", [("train_batch_start", 8, 8), ("validation_start", 6, 5)])
+def test_a_crash_after_a_step_checkpoint_resumes_exactly(make_cfg, tmp_path, hook, step, saved):
+    """Mid-epoch, and after an epoch's last step (no step checkpoint there; the epoch-end one follows): the resumed
+    run replays exactly the lost steps."""
+    every_step = [*EXACT, "callbacks.step_checkpoint.every_n_train_steps=1"]
+    train(make_cfg(*EXACT, run="straight"))
+    crash = [
+        "+callbacks.crash._target_=tests.conftest.CrashAt",
+        f"+callbacks.crash.step={step}",
+        f"+callbacks.crash.hook={hook}",
+    ]
+    with pytest.raises(Crash):
+        train(make_cfg(*every_step, *crash, run="split"))
+    assert _ckpt(tmp_path / "split/checkpoints/last.ckpt")["global_step"] == saved
+    train(make_cfg(*every_step, "ckpt_path=last", run="split"))
+    straight = _ckpt(tmp_path / "straight/checkpoints/last.ckpt")["state_dict"]
+    resumed = _ckpt(tmp_path / "split/checkpoints/last.ckpt")
+    assert resumed["global_step"] == 12
+    for key in straight:
+        torch.testing.assert_close(resumed["state_dict"][key], straight[key], atol=1e-6, rtol=0, msg=key)

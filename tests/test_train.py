@@ -125,7 +125,7 @@ def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg,
     before = first_last.read_bytes()
     train(make_cfg("trainer.max_epochs=2", "test=false", "ckpt_path=last", run="second"))
     assert f"resuming from the newest last.ckpt under {tmp_path}/: {first_last}" in capsys.readouterr().out
-    assert torch.load(tmp_path / "second/checkpoints/last.ckpt", weights_only=True)["epoch"] == 2
+    assert torch.load(tmp_path / "second/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
     assert first_last.read_bytes() == before, "the earlier run's checkpoint is left alone"
 
 
@@ -176,7 +176,7 @@ def test_optimizer_state_off_shrinks_checkpoints_and_resumes_partially(make_cfg,
     msgs = [str(w.message) for w in recwarn if "no optimizer state" in str(w.message)]
     assert len(msgs) == 1, msgs
     resumed = torch.load(slim, weights_only=True)
-    assert resumed["epoch"] == 2 and resumed["global_step"] == 2 * slim_ckpt["global_step"]
+    assert resumed["epoch"] == 1 and resumed["global_step"] == 2 * slim_ckpt["global_step"]
     assert best_before["best_model_score"] is not None
     state = _best_state(resumed)
     assert state["best_model_score"] >= best_before["best_model_score"], "best-score tracking carried over"

@@ -4,6 +4,14 @@ from glint_lightning.callbacks.feature_maps import FeatureMaps
 from glint_lightning.callbacks.finetuning import FreezeParts
 from glint_lightning.callbacks.images import PredictionImages
 from glint_lightning.callbacks.interrupt import CheckpointOnInterrupt
+from glint_lightning.callbacks.last_checkpoint import LastCheckpoint
 from glint_lightning.callbacks.optimizer_state import OptimizerStateCallback
 
-__all__ = ["CheckpointOnInterrupt", "FeatureMaps", "FreezeParts", "OptimizerStateCallback", "PredictionImages"]
+__all__ = [
+    "CheckpointOnInterrupt",
+    "FeatureMaps",
+    "FreezeParts",
+    "LastCheckpoint",
+    "OptimizerStateCallback",
+    "PredictionImages",
+]

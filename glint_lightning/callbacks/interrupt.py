@@ -19,18 +19,25 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from glint_lightning.callbacks.last_checkpoint import at_last_batch
+
 
 class CheckpointOnInterrupt(L.Callback):
-    """Save `dirpath/filename` when the run is stopped by SIGTERM or Ctrl-C; `signal_name` tells which."""
+    """Save `dirpath/filename` when the run is stopped by SIGTERM or Ctrl-C; `signal_name` tells which.
+
+    Not during an epoch's last batch or its validation: Lightning miscounts epochs when resuming from there, so the
+    previous last.ckpt stays (at most one epoch, or N steps with step checkpoints, is redone).
+    """
 
     def __init__(self, dirpath: str, filename: str = "last.ckpt") -> None:
         self.path = Path(dirpath) / filename
         self.signal_name: str | None = None
+        self.saved = False
         self._previous_sigint: Any = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_fit_start: Lightning snapshots and later restores every handler after that hook.
-        self.signal_name = None
+        self.signal_name, self.saved = None, False
         if threading.current_thread() is threading.main_thread():
             self._previous_sigint = signal.signal(signal.SIGINT, self._sigint_as_sigterm)
 
@@ -49,7 +56,10 @@ class CheckpointOnInterrupt(L.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         self.signal_name = self.signal_name or "SIGTERM"
+        if at_last_batch(trainer):  # Lightning cannot resume from here; see LastCheckpoint
+            return
         trainer.save_checkpoint(self.path, weights_only=False)
+        self.saved = True
         rank_zero_info(
             f"{self.signal_name}: saved a resumable checkpoint at epoch {trainer.current_epoch}, "
             f"step {trainer.global_step}: {self.path}"

@@ -56,10 +56,14 @@ class ResumableLoader(DataLoader):
     _resume_at = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"batches_done": self.batches_done}
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_at = int(state["batches_done"])
+        if state["batches_done"] < len(self):
+            self.sampler.set_epoch(state["epoch"])
+            self._resume_at = int(state["batches_done"])
+        else:  # saved after the epoch's last step: Lightning only finishes that epoch, the next one starts afresh
+            self.sampler.set_epoch(state["epoch"] + 1)
 
     def __iter__(self) -> Iterator[Any]:
         self.sampler.start = self._resume_at * self.batch_size
