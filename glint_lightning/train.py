@@ -80,6 +80,13 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     train_info = datamodule.datasets["train"].info
     module = build_module(cfg, tile_size=(train_info.height, train_info.width))
+    stride = getattr(module.model, "stride", 1)
+    if min(train_info.height, train_info.width) < stride:
+        raise GlintError(
+            f"{train_info.path}: tiles are {train_info.height}x{train_info.width} px, smaller than the model's total "
+            f"stride of {stride} px (they would be mostly padding); use tiles of at least {stride}x{stride} px or a "
+            "shallower model (e.g. model.depth=2)"
+        )
     if ckpt_path is not None:
         check_resumable(ckpt_path, module.hparams.model, ignore=WEIGHT_SOURCE_KEYS)
     else:

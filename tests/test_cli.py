@@ -63,6 +63,7 @@ def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env)
         (["ckpt_path=/nowhere/x.ckpt"], "error: ckpt_path=/nowhere/x.ckpt: no such file"),
         (["ckpt_path=bad.h5"], "error: bad.h5: not a loadable checkpoint"),
         (["optimizer.lr=-1"], "error: optimizer.lr=-1"),
+        (["hydra.run.dir=bad.h5/run"], "error: hydra.run.dir=bad.h5/run: "),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_keeps_earlier_checkpoints(tmp_path, env, args, message):

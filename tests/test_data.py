@@ -147,6 +147,7 @@ def _bad(tmp_path, **files):
         ("mask_values", r"t\.h5: 'mask' tile 2 has values \[2\] outside \{0, 1\}"),
         ("empty_split", r"t\.h5: the val split is empty"),
         ("all_invalid", r"t\.h5: no valid depth pixel"),
+        ("all_inf", r"t\.h5: no valid depth pixel"),
     ],
 )
 def test_bad_input_names_file_key_and_fix(tmp_path, case, match):
@@ -172,6 +173,8 @@ def test_bad_input_names_file_key_and_fix(tmp_path, case, match):
         write_tiles(tmp_path / "v.h5", depth[:0], mask[:0])
     elif case == "all_invalid":
         write_tiles(path, np.full_like(depth, np.nan), mask)
+    elif case == "all_inf":
+        write_tiles(path, np.full_like(depth, np.inf), mask)
     kwargs = {"train_path": str(path), "val_fraction": 0.25}
     if case == "empty_split":
         kwargs = {"train_path": str(path), "val_path": str(tmp_path / "v.h5")}

@@ -32,6 +32,16 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(make_cfg, tmp_
     assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
+def test_a_truncated_checkpoint_is_refused_with_one_line_and_left_alone(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_epochs=1", "test=false"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:5000])
+    before = sorted((p.name, p.read_bytes()) for p in last.parent.iterdir())
+    with pytest.raises(GlintError, match=r"last\.ckpt: not a loadable checkpoint .*; pass a \.ckpt written by"):
+        train(make_cfg("trainer.max_epochs=2", "test=false", "ckpt_path=last"))
+    assert sorted((p.name, p.read_bytes()) for p in last.parent.iterdir()) == before
+
+
 class _Payload:
     def __init__(self, marker):
         self.marker = marker

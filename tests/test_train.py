@@ -86,6 +86,7 @@ def test_schedulers_from_config_with_optional_warmup(make_cfg, sched, cls):
         ("data.batch_size=0", "data.batch_size=0"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt: no such file"),
         ("ckpt_path=last", "ckpt_path=last: no last.ckpt in"),
+        ("model.depth=6", r"tiles are 32x32 px, smaller than the model.s total stride of 64 px.*model.depth=2"),
     ],
 )
 def test_bad_options_fail_before_training(make_cfg, tmp_path, override, match):
