@@ -6,22 +6,31 @@ STAMP := $(VENV)/.installed-stamp
 # A short real run on the built-in synthetic data set; override with `make train ARGS="loss=focal"`.
 ARGS ?=
 
-.PHONY: install train test lint format clean
+.PHONY: install train test bench lint format clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "installing glint-lightning and its dependencies into $(VENV) (log: $(VENV)/pip.log)"
-	$(PY) -m pip install --disable-pip-version-check -e '.[dev,smp,export]' > $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
+	$(PY) -m pip install --disable-pip-version-check -e '.[dev,smp,export,sweep,mlflow]' > $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
 	$(PY) -c "import glint_lightning, torch, lightning, hydra, h5py, torchmetrics"
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m glint_lightning.train experiment=quickstart $(ARGS)
+	$(PY) -m glint_lightning.train +experiment=quickstart $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Figures, not tests: each script prints its numbers and ratios against a baseline measured in the same run.
+bench: $(STAMP)
+	$(PY) -m benchmarks.framework_overhead
+	$(PY) -m benchmarks.loader_throughput
+	$(PY) -m benchmarks.inference_throughput
+	$(PY) -m benchmarks.speed_options
+	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.model_throughput --sizes 64
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -30,15 +30,25 @@ class Interrupted(GlintError):
         self.exit_code = 128 + signum
 
 
+class TrainingDiverged(GlintError):
+    """The loss became NaN or infinite: with the config as given, training cannot go on."""
+
+
 @contextmanager
-def exit_on_user_error() -> Iterator[None]:
-    """Turn a GlintError into `error: <message>` on stderr and exit code 2 (full traceback with HYDRA_FULL_ERROR=1)."""
+def exit_on_user_error(in_sweep: bool = False) -> Iterator[None]:
+    """Turn a GlintError into `error: <message>` on stderr and exit code 2 (full traceback with HYDRA_FULL_ERROR=1).
+
+    In a sweep job the error is re-raised after the line instead, so that Hydra records that job as failed and a
+    sweeper such as Optuna goes on with the next trial; an interruption still stops the whole sweep.
+    """
     try:
         yield
     except GlintError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
+        if in_sweep and not isinstance(err, Interrupted):
+            raise
         raise SystemExit(err.exit_code) from None
 
 

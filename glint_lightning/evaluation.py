@@ -84,7 +84,7 @@ def predictions(
 
 def calibrate_threshold(module: GlintModule, loader: DataLoader, device: torch.device | str) -> tuple[float, float]:
     """The threshold in (0, 1) that maximises pixel F1 over the valid pixels of `loader`, and that F1."""
-    curve = BinaryPrecisionRecallCurve(thresholds=torch.linspace(0.02, 0.98, 49))
+    curve = BinaryPrecisionRecallCurve(thresholds=torch.linspace(0.02, 0.98, 49), sync_on_compute=False)  # rank 0 alone
     for logits, mask, valid in predictions(module, loader, device):
         curve.update(torch.sigmoid(logits)[valid], mask[valid].int())
     precision, recall, thresholds = curve.compute()

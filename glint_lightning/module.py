@@ -15,6 +15,7 @@ from torch import nn
 
 from glint_lightning import __version__
 from glint_lightning.callbacks.finetuning import FreezeParts
+from glint_lightning.errors import TrainingDiverged
 from glint_lightning.metrics import pixel_metrics
 from glint_lightning.models.common import model_part
 from glint_lightning.resume import load_checkpoint
@@ -133,6 +134,16 @@ class GlintModule(L.LightningModule):
             loss = loss + self.hparams.aux_weight * aux
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=n)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Checked once an epoch, from the logged mean, so that no step waits for the GPU.
+        loss = self.trainer.callback_metrics.get("train/loss_epoch")
+        if loss is not None and not torch.isfinite(loss):
+            lr = self.hparams.optimizer.get("lr")
+            raise TrainingDiverged(
+                f"train/loss is {float(loss)} in epoch {self.current_epoch}: training diverged; lower optimizer.lr "
+                f"(now {lr}) or set trainer.gradient_clip_val=1.0"
+            )
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         logits = self(batch["depth"], batch["valid"])

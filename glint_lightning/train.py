@@ -6,13 +6,18 @@ import errno
 import json
 import math
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +27,7 @@ from glint_lightning.errors import GlintError, Interrupted, exit_on_user_error
 from glint_lightning.evaluation import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
+from glint_lightning.provenance import provenance
 from glint_lightning.resume import check_resumable, load_checkpoint, resolve_ckpt_path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -80,6 +86,10 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     train_info = datamodule.datasets["train"].info
     module = build_module(cfg, tile_size=(train_info.height, train_info.width))
+    if cfg.get("channels_last"):
+        module.model.to(memory_format=torch.channels_last)
+    if cfg.get("compile"):
+        module.model.compile()  # in place: checkpoint keys stay those of the plain network
     stride = getattr(module.model, "stride", 1)
     if min(train_info.height, train_info.width) < stride:
         raise GlintError(
@@ -91,9 +101,13 @@ def train(cfg: DictConfig) -> float | None:
         check_resumable(ckpt_path, module.hparams.model, ignore=WEIGHT_SOURCE_KEYS)
     else:
         module.set_depth_stats(*datamodule.depth_stats)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(ckpt_dir)
-    datamodule.save_description(run_dir / "data.json")
+    if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes the run's files
+        run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(ckpt_dir)
+        datamodule.save_description(run_dir / "data.json")
+        data_files = {name: ds.info.path for name, ds in datamodule.datasets.items()}
+        (run_dir / "provenance.json").write_text(json.dumps(provenance(_overrides(), data_files), indent=1))
+    started = time.monotonic()
 
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
@@ -121,14 +135,19 @@ def train(cfg: DictConfig) -> float | None:
         "last_checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").is_file() else None,
         "optimized_metric": cfg.optimized_metric,
         "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
+        "duration_s": round(time.monotonic() - started, 1),
         "final": _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}),
     }
     if cfg.get("calibrate_threshold") and summary["best_checkpoint"]:
-        summary["threshold"] = _calibrate(module, datamodule, summary)
+        if trainer.is_global_zero:
+            summary["threshold"] = _calibrate(module, datamodule, summary)
+        trainer.strategy.barrier()  # the other ranks test with the threshold rank 0 stored in the checkpoint
     if cfg.get("test") and datamodule.has_split("test"):
         best = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         summary["test"] = _float_metrics(results[0]) if results else {}
+    if not trainer.is_global_zero:
+        return None
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
     _print_summary(summary)
 
@@ -136,6 +155,11 @@ def train(cfg: DictConfig) -> float | None:
     if score is None:
         score = summary["final"].get(cfg.optimized_metric)
     return None if score is None or math.isnan(score) else score
+
+
+def _overrides() -> list[str]:
+    """This job's command-line overrides (Hydra's), or [] when called without Hydra (tests, notebooks)."""
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def _interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
@@ -156,7 +180,7 @@ def _interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
 def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any]) -> dict[str, float]:
     """Pick the threshold maximising val F1 with the best weights; store it in the best and last checkpoints."""
     module.load_state_dict(load_checkpoint(Path(summary["best_checkpoint"]))["state_dict"])
-    threshold, f1 = calibrate_threshold(module, datamodule.val_dataloader(), module.device)
+    threshold, f1 = calibrate_threshold(module, datamodule.eval_loader("val", shard=False), module.device)
     for path in {summary["best_checkpoint"], summary["last_checkpoint"]} - {None}:
         write_threshold(path, threshold, f1)
     module.set_threshold(threshold)
@@ -185,7 +209,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with exit_on_user_error():
+    with exit_on_user_error(in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN):
         return train(cfg)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -167,3 +169,23 @@ class CrashAt(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, *args: object) -> None:
         self._maybe_crash("validation_start", trainer)
+
+
+class RankReport(L.Callback):
+    """Writes, per rank, the file indices of the tiles it trained on in each epoch and a hash of its final weights
+    to `<out>/rank<r>.json` (for the DDP test)."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.tiles = Path(out), {}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: object) -> None:
+        loader = trainer.train_dataloader
+        self.tiles[trainer.current_epoch] = [int(loader.dataset.indices[i]) for i in loader.sampler]
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        digest = hashlib.sha256()
+        for value in pl_module.state_dict().values():
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        report = {"world": trainer.world_size, "tiles": self.tiles, "weights": digest.hexdigest()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))

@@ -1,5 +1,6 @@
 """`python -m glint_lightning.train ...` in a subprocess, exactly as a user runs it."""
 
+import csv
 import json
 
 import pytest
@@ -27,6 +28,19 @@ def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path, env):
         assert json.loads((job / "metrics.json").read_text())["best_score"] is not None
         losses.append(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["loss"]["_target_"])
     assert losses == [f"glint_lightning.losses.{n}" for n in ("FocalLoss", "BCELoss", "HybridLoss")]
+
+    sweep = jobs[0].parent
+    res = run_cli("glint_lightning.report", str(sweep), cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    with open(sweep / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["overrides"] for r in rows) == ["loss=bce", "loss=focal", "loss=hybrid"]
+    scores = [float(r["val/iou"]) for r in rows]
+    assert scores == sorted(scores, reverse=True), "best first"
+    best = json.loads((sweep / rows[0]["job"] / "metrics.json").read_text())
+    assert scores[0] == pytest.approx(best["best_score"]) and rows[0]["best_checkpoint"] == best["best_checkpoint"]
+    assert "| job | overrides | status | val/iou |" in res.stdout
+    assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG" and (sweep / "report.md").is_file()
 
 
 def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env):

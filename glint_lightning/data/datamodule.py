@@ -175,41 +175,47 @@ class GlintDataModule(L.LightningDataModule):
     def has_split(self, name: str) -> bool:
         return name in self.datasets
 
-    def _loader(self, name: str, train: bool) -> DataLoader:
-        ds = self.datasets[name]
-        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _loader_options(self) -> dict[str, Any]:
         workers = self.hparams.num_workers
-        common = {"num_workers": workers, "pin_memory": self.hparams.pin_memory}
-        common["persistent_workers"] = self.hparams.persistent_workers and workers > 0
-        if not train:
-            # Under DDP each rank evaluates its own slice; torchmetrics sums the counts over ranks.
-            batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
-            return DataLoader(ds, batch_size=batch_size, sampler=range(rank, len(ds), world), **common)
+        persistent = self.hparams.persistent_workers and workers > 0
+        return {"num_workers": workers, "pin_memory": self.hparams.pin_memory, "persistent_workers": persistent}
+
+    def eval_loader(self, name: str, shard: bool = True) -> DataLoader:
+        """Tiles of split `name` in file order; under DDP (shard=True) each rank gets its own slice, and
+        torchmetrics sums the counts over ranks."""
+        ds = self.datasets[name]
+        rank, world = self._rank_and_world() if shard else (0, 1)
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        return DataLoader(ds, batch_size=batch_size, sampler=range(rank, len(ds), world), **self._loader_options())
+
+    def train_dataloader(self) -> ResumableLoader:
+        ds = self.datasets["train"]
+        rank, world = self._rank_and_world()
         sampler = EpochShuffleSampler(len(ds), self.seed, rank, world)
         if self.trainer is not None:  # Lightning sets the epoch only after the first iter(); workers start before
             sampler.set_epoch(self.trainer.current_epoch)
         batch_size = self.hparams.batch_size
-        self._train_loader = ResumableLoader(
-            ds, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) > batch_size, **common
+        self.train_loader = ResumableLoader(
+            ds, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) > batch_size, **self._loader_options()
         )
-        return self._train_loader
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self.train_loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self.eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.datasets:
             raise GlintError("no test split; set data.test_path=... or data.test_fraction>0")
-        return self._loader("test", train=False)
+        return self.eval_loader("test")
 
     def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict:
         trainer = self.trainer
         if trainer is None or not trainer.training:
             return batch
-        self._train_loader.batches_done += 1
+        self.train_loader.batches_done += 1
         device = batch["depth"].device
         g = torch.Generator(device=device if device.type == "cuda" else "cpu")
         g.manual_seed(derive_seed(self.seed, STREAM_AUGMENT, trainer.global_step))

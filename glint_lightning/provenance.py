@@ -1,0 +1,69 @@
+"""What a run was made from, written beside its results: code version, command, overrides, data files."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def file_fingerprint(path: str | Path, blocks: int = 16, block_size: int = 1 << 20) -> str:
+    """sha256 of the file's size and `blocks` evenly spaced 1 MiB blocks (all of a file up to 16 MiB): cheap on a
+    100 GB file, and any rewrite, truncation or append that touches a sampled block changes it."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= blocks * block_size:
+            digest.update(f.read())
+        else:
+            for i in range(blocks):
+                f.seek((size - block_size) * i // (blocks - 1))
+                digest.update(f.read(block_size))
+    return f"sha256-sampled:{digest.hexdigest()}"
+
+
+def git_state(folder: Path = PACKAGE_DIR) -> dict[str, Any] | None:
+    """Commit and dirtiness of the git checkout holding the code, or None outside one."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def package_version() -> str:
+    try:
+        return version("glint-lightning")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def provenance(overrides: list[str], data_files: dict[str, str]) -> dict[str, Any]:
+    """Plain data for `provenance.json` (the composed config is Hydra's `.hydra/config.yaml`)."""
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": [Path(sys.executable).name, "-m", "glint_lightning.train", *sys.argv[1:]],
+        "overrides": overrides,
+        "glint_lightning": package_version(),
+        "git": git_state(),
+        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "lightning": lightning.__version__},
+        "host": socket.gethostname(),
+        "data": {
+            split: {"path": str(Path(p).resolve()), "bytes": Path(p).stat().st_size, "fingerprint": file_fingerprint(p)}
+            for split, p in data_files.items()
+        },
+    }

@@ -1,0 +1,45 @@
+"""`trainer=ddp` on two CPU processes (gloo): disjoint shards, identical weights, one writer, resume in place."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from tests.conftest import REPO, TINY, run_cli
+
+DDP = [arg for arg in TINY if not arg.startswith(("trainer.devices", "trainer.accelerator"))]
+DDP += ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "test=false", "hydra.run.dir=outputs/ddp"]
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_disjoint_shards_to_identical_weights_and_resume(tmp_path, cache_dir):
+    env = {
+        "GLINT_CACHE_DIR": str(cache_dir),
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    report = ["+callbacks.report._target_=tests.conftest.RankReport", f"+callbacks.report.out={tmp_path}/first"]
+    res = run_cli("glint_lightning.train", *DDP, "trainer.max_epochs=1", *report, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"first/rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    shard0, shard1 = (set(r["tiles"]["0"]) for r in ranks)
+    assert len(shard0) == len(shard1) == 24 and not shard0 & shard1, "each rank its own half of the 48 tiles"
+    assert shard0 | shard1 == set(range(48))
+    assert ranks[0]["weights"] == ranks[1]["weights"], "DDP keeps the ranks' weights identical"
+
+    run = tmp_path / "outputs/ddp"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch000.ckpt", "last.ckpt"]
+    assert [p.name for p in tmp_path.glob("outputs/*")] == ["ddp"], "rank 1 writes no run dir of its own"
+    assert not list(run.glob(".pl_hydra*")) and (run / ".hydra/config.yaml").is_file()
+
+    report = ["+callbacks.report._target_=tests.conftest.RankReport", f"+callbacks.report.out={tmp_path}/second"]
+    res = run_cli(
+        "glint_lightning.train", *DDP, "trainer.max_epochs=2", "ckpt_path=last", *report, cwd=tmp_path, env=env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run / "metrics.json").read_text())
+    assert (summary["epochs"], summary["global_step"]) == (2, 2 * 3), "one more epoch of 24 tiles / 8 per step"
+    ranks = [json.loads((tmp_path / f"second/rank{r}.json").read_text()) for r in (0, 1)]
+    assert list(ranks[0]["tiles"]) == ["1"] and ranks[0]["weights"] == ranks[1]["weights"]
