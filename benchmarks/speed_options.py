@@ -74,7 +74,7 @@ def main() -> None:
         base = base or rate
         print(f"  {name:28s} {rate:8.1f} tiles/s  {rate / base:5.2f}x")
     if args.device == "cpu":
-        print("  data.pin_memory / data.persistent_workers: only matter with a GPU (see the closing note's figures)")
+        print("  data.pin_memory / data.persistent_workers only matter with a GPU; run this there to see them")
 
 
 if __name__ == "__main__":
