@@ -22,6 +22,14 @@ EXACT = [
 ]
 
 
+@pytest.fixture
+def terminal_sigint():
+    """Ctrl-C handling as in a terminal (a CI job or a background shell may start with SIGINT ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _stop_at(step: int, signum: int) -> list[str]:
     return [
         "+callbacks.stop._target_=tests.conftest.SignalAtStep",
@@ -35,7 +43,9 @@ def _ckpt(path):
 
 
 @pytest.mark.parametrize("signum, name, code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
-def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(make_cfg, tmp_path, signum, name, code):
+def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
+    make_cfg, tmp_path, terminal_sigint, signum, name, code
+):
     train(make_cfg(*EXACT, run="straight"))
     with pytest.raises(
         Interrupted,

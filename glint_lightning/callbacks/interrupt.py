@@ -38,7 +38,8 @@ class CheckpointOnInterrupt(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not on_fit_start: Lightning snapshots and later restores every handler after that hook.
         self.signal_name, self.saved = None, False
-        if threading.current_thread() is threading.main_thread():
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # e.g. under nohup: leave it so
+        if threading.current_thread() is threading.main_thread() and not ignored:
             self._previous_sigint = signal.signal(signal.SIGINT, self._sigint_as_sigterm)
 
     def _sigint_as_sigterm(self, signum: int, frame: Any) -> None:
