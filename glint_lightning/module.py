@@ -148,7 +148,9 @@ class GlintModule(L.LightningModule):
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
         logits = self(batch["depth"], batch["valid"])
         loss = self.loss_fn(logits, batch["mask"], batch["valid"])
-        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=logits.shape[0])
+        self.log(
+            f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=logits.shape[0], sync_dist=True
+        )
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         valid = batch["valid"]
         with _native_bincount_on_cpu(logits.device):

@@ -48,13 +48,14 @@ def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 
 
 def _columns(rows: list[dict[str, Any]], metric: str) -> list[str]:
-    metrics = sorted({k for r in rows for k in r if k.startswith(("val/", "test/")) and k != metric})
+    names = {k for r in rows for k in r if k.startswith(("val/", "test/")) and k != metric}
+    metrics = sorted(names, key=lambda k: (k.startswith("test/"), k))
     return ["job", "overrides", "status", metric, *metrics, "epochs", "duration_s", "best_checkpoint"]
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, column: str) -> str:
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.0f}" if column == "duration_s" else f"{value:.4f}"
     return "" if value is None else str(value)
 
 
@@ -80,7 +81,7 @@ def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
     lines = [f"# Sweep {sweep_dir}", "", f"Sorted by {metric} (best during training), best first."]
     lines += [f"Overrides common to all {len(rows)} jobs: `{' '.join(common) or '(none)'}`", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(c), c) for c in columns) + " |" for r in rows]
     out["md"].write_text("\n".join(lines) + "\n")
     _bar_chart(rows, metric, out["png"])
     return out
