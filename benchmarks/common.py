@@ -39,3 +39,19 @@ class Stopwatch:
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.start
+
+
+def timed_steps(step: Callable[[], None], steps: int, device: str, warmup: int = 1) -> float:
+    """Seconds for `steps` calls of step() after `warmup` calls, with the GPU's queue drained on both sides."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start

@@ -2,7 +2,7 @@
 PyTorch loop over the same model, tiles, batch size, augmentation, loss and optimizer; measured alternately in
 one run. Prints tiles/s of each and the ratio (goal >= 0.97).
 
-    python benchmarks/framework_overhead.py [--rounds 3] [--tiles 256] [--tile 64] [--batch 16]
+    python -m benchmarks.framework_overhead [--rounds 3] [--tiles 256] [--tile 64] [--batch 16]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Full-frame prediction in megapixels/s: FramePredictor's batched sliding window (Gaussian blending) and its
 single-pass `full` mode, against a naive loop that runs one window at a time and averages overlaps.
 
-    python benchmarks/inference_throughput.py [--frame 512 640] [--window 64] [--overlap 0.5] [--rounds 3]
+    python -m benchmarks.inference_throughput [--frame 512 640] [--window 64] [--overlap 0.5] [--rounds 3]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 h5py reads of the same tiles in the same order, for an uncompressed and an lzf-compressed copy of the file.
 Prints the ratios (goal >= 0.6 of raw with augmentation).
 
-    python benchmarks/loader_throughput.py [--tiles 512] [--tile 128] [--batch 16] [--rounds 3]
+    python -m benchmarks.loader_throughput [--tiles 512] [--tile 128] [--batch 16] [--rounds 3]
 """
 
 from __future__ import annotations

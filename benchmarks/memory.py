@@ -2,7 +2,7 @@
 so the two should differ by far less than the files do (goal: < 300 MB). Each measurement runs in a fresh
 process; the files are written under outputs/bench/ and deleted afterwards.
 
-    python benchmarks/memory.py [--sizes-gb 0.5 4] [--tile 256] [--workers 2]
+    python -m benchmarks.memory [--sizes-gb 0.5 4] [--tile 256] [--workers 2]
 """
 
 from __future__ import annotations

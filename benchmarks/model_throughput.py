@@ -1,18 +1,18 @@
 """Parameter counts and training throughput (tiles/s: forward, backward, Adam step) of each model at 64^2 and
 256^2 tiles, with the ratio to the default U-Net measured in the same run.
 
-    python benchmarks/model_throughput.py [--device cpu|cuda] [--steps 3] [--sizes 64 256]
+    python -m benchmarks.model_throughput [--device cpu|cuda] [--steps 3] [--sizes 64 256]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from benchmarks.common import timed_steps
 from glint_lightning.losses import DiceLoss
 from glint_lightning.train import CONFIG_DIR
 
@@ -49,15 +49,7 @@ def tiles_per_second(net: torch.nn.Module, size: int, steps: int, device: str) -
         loss.backward()
         opt.step()
 
-    step()  # warm-up
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps * BATCH[size] / (time.perf_counter() - start)
+    return steps * BATCH[size] / timed_steps(step, steps, device)
 
 
 def main() -> None:

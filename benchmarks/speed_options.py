@@ -1,18 +1,17 @@
 """Training-step throughput of the speed options on this machine, each against plain fp32 measured in the same
 run: channels_last, bf16 / fp16 autocast (trainer.precision=bf16-mixed / 16-mixed), both, and torch.compile.
 
-    python benchmarks/speed_options.py [--device cpu|cuda] [--size 128] [--batch 8] [--steps 5] [--compile]
+    python -m benchmarks.speed_options [--device cpu|cuda] [--size 128] [--batch 8] [--steps 5] [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 from contextlib import nullcontext
 
 import torch
 
-from benchmarks.common import config
+from benchmarks.common import config, timed_steps
 from glint_lightning.train import build_module
 
 
@@ -37,16 +36,7 @@ def tiles_per_second(
         loss.backward()
         opt.step()
 
-    for _ in range(2):  # warm-up (and compilation)
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batch / timed_steps(step, steps, device, warmup=2)  # warm-up includes compilation
 
 
 def main() -> None:
