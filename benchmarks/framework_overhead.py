@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from benchmarks.common import Stopwatch, config, demo_tiles, median_rate
 from glint_lightning.data.augment import AugmentConfig, augment_batch
+from glint_lightning.data.h5 import collate_tiles
 from glint_lightning.seeding import STREAM_AUGMENT, derive_seed
 from glint_lightning.train import build_module
 
@@ -63,7 +64,13 @@ def plain_epoch(cfg) -> tuple[int, float]:
     mean, std = module.depth_mean, module.depth_std
     opt = torch.optim.Adam(net.parameters(), lr=cfg.optimizer.lr)
     augment = AugmentConfig(**cfg.data.augment)
-    loader = DataLoader(datamodule.datasets["train"], batch_size=cfg.data.batch_size, shuffle=True, drop_last=True)
+    loader = DataLoader(
+        datamodule.datasets["train"],
+        batch_size=cfg.data.batch_size,
+        shuffle=True,
+        drop_last=True,
+        collate_fn=collate_tiles,
+    )
     for step, batch in enumerate(loader):
         if step == WARMUP:
             watch = Stopwatch().__enter__()

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from glint_lightning.data.augment import AugmentConfig, augment_batch
 from glint_lightning.data.demo import cached_demo, demo_folder
-from glint_lightning.data.h5 import H5Tiles, TileKeys, depth_statistics, inspect_tile_file
+from glint_lightning.data.h5 import H5Tiles, TileKeys, collate_tiles, depth_statistics, inspect_tile_file
 from glint_lightning.errors import GlintError
 from glint_lightning.seeding import STREAM_AUGMENT, STREAM_SHUFFLE, derive_seed
 
@@ -181,7 +181,12 @@ class GlintDataModule(L.LightningDataModule):
     def _loader_options(self) -> dict[str, Any]:
         workers = self.hparams.num_workers
         persistent = self.hparams.persistent_workers and workers > 0
-        return {"num_workers": workers, "pin_memory": self.hparams.pin_memory, "persistent_workers": persistent}
+        return {
+            "num_workers": workers,
+            "pin_memory": self.hparams.pin_memory,
+            "persistent_workers": persistent,
+            "collate_fn": collate_tiles,
+        }
 
     def eval_loader(self, name: str, shard: bool = True) -> DataLoader:
         """Tiles of split `name` in file order; under DDP (shard=True) each rank gets its own slice, and

@@ -9,7 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from glint_lightning.errors import GlintError
 
@@ -149,13 +149,18 @@ class H5Tiles(Dataset):
         depth, mask, valid = self.read_many(np.array([i]))
         return depth[0], mask[0], valid[0]
 
-    def __getitems__(self, items: list[int]) -> list[dict[str, torch.Tensor]]:
-        """A whole batch in one read per key (DataLoader calls this instead of __getitem__ per tile)."""
+    def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor]:
+        """A whole batch, already stacked (B, 1, H, W); DataLoader calls this with `collate_fn=collate_tiles`."""
         depth, mask, valid = (torch.from_numpy(a)[:, None] for a in self.read_many(self.indices[items]))
-        return [{"depth": depth[k], "mask": mask[k], "valid": valid[k]} for k in range(len(items))]
+        return {"depth": depth, "mask": mask, "valid": valid}
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([item])[0]
+        return {key: value[0] for key, value in self.__getitems__([item]).items()}
+
+
+def collate_tiles(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """DataLoader collate for H5Tiles: a batch from __getitems__ is already stacked, so it is not copied again."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
 
 
 def depth_statistics(dataset: H5Tiles, max_tiles: int) -> tuple[float, float]:
