@@ -34,6 +34,16 @@ class TrainingDiverged(GlintError):
     """The loss became NaN or infinite: with the config as given, training cannot go on."""
 
 
+def user_error(err: BaseException) -> GlintError | None:
+    """The GlintError behind `err`: itself, or the cause Hydra wrapped in an InstantiationException when one of our
+    constructors raised it inside `instantiate()`."""
+    while err is not None and not isinstance(err, GlintError):
+        if type(err).__name__ != "InstantiationException":
+            return None
+        err = err.__cause__
+    return err
+
+
 @contextmanager
 def exit_on_user_error(in_sweep: bool = False) -> Iterator[None]:
     """Turn a GlintError into `error: <message>` on stderr and exit code 2 (full traceback with HYDRA_FULL_ERROR=1).
@@ -43,12 +53,13 @@ def exit_on_user_error(in_sweep: bool = False) -> Iterator[None]:
     """
     try:
         yield
-    except GlintError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except Exception as raised:
+        err = user_error(raised)
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{err.prefix}: {err}", file=sys.stderr, flush=True)
         if in_sweep and not isinstance(err, Interrupted):
-            raise
+            raise err from None
         raise SystemExit(err.exit_code) from None
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from glint_lightning.errors import GlintError
+from glint_lightning.trust import check_stored_config
 
 LAST = "last.ckpt"
 
@@ -44,7 +45,8 @@ def resolve_ckpt_path(value: str | None, ckpt_dir: Path, outputs_root: Path) -> 
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True (no code runs); a clear error for files that are not our checkpoints."""
+    """Load with weights_only=True (no code runs) and refuse untrusted stored `_target_`s; a clear error for files
+    that are not our checkpoints."""
     if not Path(path).is_file():
         raise GlintError(f"{path}: no such file; pass an existing .ckpt (see outputs/<run>/checkpoints/)")
     try:
@@ -56,6 +58,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise GlintError(f"{path}: not a Lightning checkpoint (no state_dict); pass a .ckpt written by glint_lightning")
+    check_stored_config(ckpt, str(path))
     return ckpt
 
 

@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
@@ -23,18 +21,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.callbacks import CheckpointOnInterrupt
 from glint_lightning.checkpoint_io import remove_stale_temporaries
-from glint_lightning.errors import GlintError, Interrupted, exit_on_user_error
+from glint_lightning.cli import hydra_app
+from glint_lightning.errors import GlintError, Interrupted
 from glint_lightning.evaluation import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
 from glint_lightning.provenance import provenance
 from glint_lightning.resume import check_resumable, load_checkpoint, resolve_ckpt_path
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from glint_lightning.trust import LIGHTNING_GROUPS, check_targets
 
 
 def check_config(cfg: DictConfig) -> None:
     """Fail fast, with one line, on options that would otherwise fail late or silently."""
+    check_targets(OmegaConf.to_container(cfg), "the composed config", LIGHTNING_GROUPS)
     check_metric("optimized_metric", cfg.optimized_metric)
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and cb.get("monitor"):
@@ -207,10 +206,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print("\n".join(lines), flush=True)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra_app("train")
 def main(cfg: DictConfig) -> float | None:
-    with exit_on_user_error(in_sweep=HydraConfig.get().mode == RunMode.MULTIRUN):
-        return train(cfg)
+    """glint-train: train, checkpoint, resume, and test at the end."""
+    return train(cfg)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.report import write_report
-from glint_lightning.train import CONFIG_DIR
 from tests.conftest import TINY, run_cli
 
 FAST = [*TINY, "trainer.max_epochs=1", "test=false"]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from glint_lightning.errors import GlintError
+from glint_lightning.trust import check_stored_config
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as err:
         raise GlintError(f"{path}: not a weights file torch.load(weights_only=True) accepts ({err})") from None
+    if isinstance(obj, dict):  # nothing is built from it, but a file that names untrusted code is not used at all
+        check_stored_config(obj, f"model.pretrained={path}")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning checkpoint
         obj = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
     elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):  # train_glint_unet.py checkpoint
