@@ -7,10 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
-from glint_lightning.evaluation import ObjectCounts, calibrate_threshold, match_components
+from glint_lightning.config_dir import CONFIG_DIR
+from glint_lightning.data import GlintDataModule
+from glint_lightning.eval import build_data, evaluate
+from glint_lightning.evaluation import calibrate_threshold, predictions
+from glint_lightning.metrics import ObjectMetric, match_components
+from glint_lightning.module import GlintModule
+from glint_lightning.resume import load_checkpoint
 from glint_lightning.train import train
-from tests.conftest import pointwise_module, run_cli
+from tests.conftest import pointwise_module, random_tiles, run_cli, write_tiles
 
 
 def _mask(*boxes, size=12):
@@ -32,16 +39,58 @@ def test_components_match_one_to_one_by_iou():
     assert match_components(truth, np.zeros_like(truth), 0.5) == (0, 0, 2)
 
 
-def test_object_counts_over_tiles():
-    counts = ObjectCounts(iou_threshold=0.25)
-    truth = np.stack([_mask((1, 3, 1, 3), (6, 9, 6, 9)), _mask()])
-    pred = np.stack([_mask((1, 3, 1, 3)), _mask((4, 6, 4, 6))])
-    counts.update(truth, pred)
-    r = counts.compute()
-    assert (r["object/matched"], r["object/predicted"], r["object/true"]) == (1, 2, 2)
-    assert r["object/precision"] == pytest.approx(0.5) and r["object/recall"] == pytest.approx(0.5)
-    assert r["object/f1"] == pytest.approx(0.5)
-    assert ObjectCounts().compute()["object/f1"] == 1.0, "nothing to find and nothing found is perfect"
+def test_object_metric_over_tiles():
+    metric = ObjectMetric(threshold=0.5, iou_threshold=0.25)
+    truth = torch.from_numpy(np.stack([_mask((1, 3, 1, 3), (6, 9, 6, 9)), _mask()])[:, None]).float()
+    pred = torch.from_numpy(np.stack([_mask((1, 3, 1, 3)), _mask((4, 6, 4, 6))])[:, None]).float()
+    metric.update(pred * 0.9 + 0.05, truth)
+    r = metric.compute()
+    assert (r["matched"], r["predicted"], r["true"]) == (1, 2, 2)
+    assert r["precision"] == pytest.approx(0.5) and r["recall"] == pytest.approx(0.5)
+    assert r["f1"] == pytest.approx(0.5)
+    empty = ObjectMetric()
+    empty.update(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8))
+    assert empty.compute()["f1"] == 1.0, "nothing to find and nothing found is perfect"
+
+
+def _crafted_batch(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Probabilities, masks and validity with blobs that overlap partly and invalid pixels cutting through some."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(n, 1, 24, 24, generator=g) < 0.08).float()
+    mask = torch.nn.functional.max_pool2d(mask, 3, 1, 1)  # blobs of a few pixels
+    shifted = torch.roll(mask, shifts=(1, 0), dims=(2, 3))
+    prob = (0.6 * shifted + 0.4 * torch.rand(n, 1, 24, 24, generator=g)).clamp(0, 1)
+    valid = torch.rand(n, 1, 24, 24, generator=g) > 0.05
+    return prob, mask, valid
+
+
+def test_object_metric_equals_the_per_tile_computation_and_merges_like_ddp():
+    prob, mask, valid = _crafted_batch(8, seed=1)
+    threshold, iou = 0.45, 0.3
+    # the old per-tile computation: binary masks restricted to valid pixels, matched tile by tile, counts summed
+    truth_np = (mask.bool() & valid)[:, 0].numpy()
+    pred_np = ((prob >= threshold) & valid)[:, 0].numpy()
+    expected = np.sum([match_components(t, p, iou) for t, p in zip(truth_np, pred_np)], axis=0)
+    assert expected[0] > 0 and expected[1] != expected[0], "the batch must exercise partial matching"
+
+    whole = ObjectMetric(threshold, iou)
+    whole.update(prob, mask, valid)
+    r = whole.compute()
+    assert (int(r["matched"]), int(r["predicted"]), int(r["true"])) == tuple(int(v) for v in expected)
+    precision, recall = expected[0] / expected[1], expected[0] / expected[2]
+    assert float(r["precision"]) == pytest.approx(precision) and float(r["recall"]) == pytest.approx(recall)
+    assert float(r["f1"]) == pytest.approx(2 * precision * recall / (precision + recall))
+
+    # two ranks score disjoint shards; DDP sums the states (dist_reduce_fx="sum"), as merge_state does here
+    rank0, rank1 = ObjectMetric(threshold, iou), ObjectMetric(threshold, iou)
+    rank0.update(prob[0::2], mask[0::2], valid[0::2])
+    rank1.update(prob[1::2], mask[1::2], valid[1::2])
+    assert rank0.compute()["true"] < r["true"]
+    rank0.reset()  # compute() caches; start over with the shard's counts and merge the other rank's
+    rank0.update(prob[0::2], mask[0::2], valid[0::2])
+    rank0.merge_state(rank1)
+    merged = rank0.compute()
+    assert {k: float(v) for k, v in merged.items()} == {k: float(v) for k, v in r.items()}
 
 
 def test_calibration_finds_the_separating_threshold():
@@ -52,6 +101,65 @@ def test_calibration_finds_the_separating_threshold():
     assert f1 == pytest.approx(1.0) and 0.27 < threshold <= 0.73
 
 
+def _eval_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("eval", overrides=["device=cpu", *overrides])
+
+
+def test_eval_scores_the_file_it_is_told(trained_ckpt, tmp_path):
+    """A demo-trained checkpoint: data.test_path=other.h5 replaces the demo test split instead of being ignored."""
+    other = write_tiles(tmp_path / "other.h5", *random_tiles(5, size=32, seed=7))
+    default = evaluate(_eval_cfg(f"ckpt_path={trained_ckpt}", f"out={tmp_path / 'demo'}"))
+    told = evaluate(_eval_cfg(f"ckpt_path={trained_ckpt}", f"data.test_path={other}", f"out={tmp_path / 'other'}"))
+    assert default["tiles"] == 16 and default["file"].endswith("test.h5")
+    assert told["tiles"] == 5 and told["file"] == str(other)
+    assert told["test/iou"] != pytest.approx(default["test/iou"])
+    assert told["scored"] == f"5 tiles of {other}"
+    written = json.loads((tmp_path / "other" / "metrics.json").read_text())
+    assert written["file"] == str(other) and written["tiles"] == 5
+
+    # the object counts eval reports are those of the old per-tile loop over the same predictions
+    ckpt = load_checkpoint(trained_ckpt)
+    module = GlintModule.from_checkpoint_dict(ckpt)
+    datamodule = build_data(ckpt["hyper_parameters"]["config"], {"test_path": str(other)}, "test")
+    counts = np.zeros(3, dtype=int)
+    for logits, mask, valid in predictions(module, datamodule.eval_loader("test"), "cpu"):
+        truth = (mask.bool() & valid)[:, 0].numpy()
+        pred = ((torch.sigmoid(logits) >= told["threshold"]) & valid)[:, 0].numpy()
+        counts += np.sum([match_components(t, p, 0.25) for t, p in zip(truth, pred)], axis=0)
+    assert [told[f"test/object_{k}"] for k in ("matched", "predicted", "true")] == counts.tolist()
+
+
+def test_a_split_with_its_own_file_needs_nothing_else(tmp_path):
+    """Scoring other.h5 opens only other.h5: the training file may be gone, the demo set is not generated."""
+    other = write_tiles(tmp_path / "other.h5", *random_tiles(3, size=32))
+    dm = GlintDataModule(train_path=str(tmp_path / "gone.h5"), test_path=str(other))
+    dm.setup_split("test")
+    assert list(dm.datasets) == ["test"] and len(dm.datasets["test"]) == 3
+    demo = {"cache_dir": str(tmp_path / "cache"), "n_train": 8, "n_val": 4, "n_test": 4, "tile": 32, "seed": 0}
+    dm = GlintDataModule(test_path=str(other), demo=demo)
+    assert dm.paths["test"] == str(other) and dm.paths["val"].endswith("val.h5"), "a given path wins over the demo"
+    dm.setup_split("test")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_eval_scores_each_split_under_its_name(trained_ckpt, tmp_path):
+    results = {
+        split: evaluate(_eval_cfg(f"ckpt_path={trained_ckpt}", f"split={split}", f"out={tmp_path / split}"))
+        for split in ("train", "val", "test")
+    }
+    for split, tiles in (("train", 48), ("val", 16), ("test", 16)):
+        r = results[split]
+        assert r["split"] == split and r["tiles"] == tiles and r["file"].endswith(f"{split}.h5")
+        assert {f"{split}/iou", f"{split}/loss", f"{split}/object_f1", f"{split}/object_true"} <= set(r)
+        others = [k for k in r if "/" in k and not k.startswith(f"{split}/")]
+        assert not others, f"{split} eval reports {others}"
+    assert len({results[s][f"{s}/object_true"] for s in results}) == 3, "three different sets of tiles"
+    # the val split scored by eval is the one training validated on (same numbers as the stored val metrics)
+    stored = torch.load(trained_ckpt, weights_only=True)["metrics"]
+    assert results["val"]["val/loss"] == pytest.approx(stored["val/loss"], abs=1e-5)
+
+
 def test_eval_reproduces_the_test_metrics_and_writes_reports(make_cfg, tmp_path, cache_dir):
     train(make_cfg("trainer.max_epochs=2"))
     run = tmp_path / "run"
@@ -60,40 +168,53 @@ def test_eval_reproduces_the_test_metrics_and_writes_reports(make_cfg, tmp_path,
     stored = torch.load(best, weights_only=True)
     assert stored["hyper_parameters"]["threshold"] == pytest.approx(logged["threshold"]["value"])
     assert stored["threshold_calibration"]["val_f1"] == pytest.approx(logged["threshold"]["val_f1"])
+    assert {"test/object_precision", "test/object_recall", "test/object_f1"} <= set(logged["test"])
 
-    res = run_cli(
-        "glint_lightning.eval",
-        f"ckpt_path={best}",
-        cwd=tmp_path,
-        env={"GLINT_CACHE_DIR": str(cache_dir)},
-    )
-    assert res.returncode == 0, res.stderr[-2000:]
+    result = evaluate(_eval_cfg(f"ckpt_path={best}"))
     out = run / "eval" / f"{Path(best).stem}-test"
-    result = json.loads((out / "metrics.json").read_text())
+    assert result["out"] == str(out)
+    assert json.loads((out / "metrics.json").read_text())["tiles"] == 16
     for key, value in logged["test"].items():
         assert result[key] == pytest.approx(value, abs=1e-5), key
     assert result["threshold"] == pytest.approx(logged["threshold"]["value"])
-    assert {"object/precision", "object/recall", "object/f1", "object/true"} <= set(result)
-    assert result["object/true"] > 0 and result["tiles"] == 16
+    assert result["test/object_true"] > 0 and result["tiles"] == 16
     assert (out / "pr_curve.png").stat().st_size > 1000
     with open(out / "metrics.csv") as f:
         rows = dict(csv.reader(f))
     assert float(rows["test/iou"]) == pytest.approx(result["test/iou"])
-    assert "test/iou" in res.stdout and "wrote " in res.stdout
 
     # overrides: another batch size (pixel metrics do not depend on it; batch Dice loss does), another threshold
-    args = [f"ckpt_path={best}", "data.eval_batch_size=7", "threshold=0.9", f"out={tmp_path / 'e2'}"]
-    forced = run_cli("glint_lightning.eval", *args, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)})
-    assert forced.returncode == 0, forced.stderr[-2000:]
-    other = json.loads((tmp_path / "e2" / "metrics.json").read_text())
+    other = evaluate(
+        _eval_cfg(f"ckpt_path={best}", "data.eval_batch_size=7", "threshold=0.9", f"out={tmp_path / 'e2'}")
+    )
     assert other["threshold"] == 0.9 and other["tiles"] == 16
     assert other["test/ap"] == pytest.approx(result["test/ap"], abs=1e-5)
 
 
-def test_eval_bad_input(tmp_path, trained_ckpt):
-    missing = run_cli("glint_lightning.eval", "ckpt_path=nope.ckpt", cwd=tmp_path)
+@pytest.mark.slow
+def test_eval_command_line(tmp_path, trained_ckpt, cache_dir):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {"GLINT_CACHE_DIR": str(cache_dir)}
+    shown = run_cli("glint_lightning.eval", "--help", cwd=cwd)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for option in ("glint-eval", "ckpt_path", "split", "iou_threshold", "calibrate", "data.* ", "test_path"):
+        assert option in shown.stdout, option
+
+    typo = run_cli("glint_lightning.eval", f"ckpt_path={trained_ckpt}", "data.tset_path=x.h5", cwd=cwd)
+    assert typo.returncode == 2 and typo.stderr.count("\n") == 1 and "tset_path" in typo.stderr, typo.stderr
+    missing = run_cli("glint_lightning.eval", "ckpt_path=nope.ckpt", cwd=cwd)
     assert missing.returncode == 2 and missing.stderr.startswith("error: nope.ckpt: no such file")
-    no_test = run_cli("glint_lightning.eval", f"ckpt_path={trained_ckpt}", "data.demo.n_test=0", cwd=tmp_path)
+    no_test = run_cli("glint_lightning.eval", f"ckpt_path={trained_ckpt}", "data.demo.n_test=0", cwd=cwd, env=env)
     assert no_test.returncode == 2 and "no test split" in no_test.stderr
-    typo = run_cli("glint_lightning.eval", f"ckpt_path={trained_ckpt}", "treshold=0.3", cwd=tmp_path)
-    assert typo.returncode == 2 and "unknown option(s) ['treshold']" in typo.stderr
+
+    # -m: one job per checkpoint, each writing where its options say; nothing is left in the working directory
+    second = tmp_path / "copy" / "checkpoints" / "second.ckpt"
+    second.parent.mkdir(parents=True)
+    second.write_bytes(trained_ckpt.read_bytes())
+    both = run_cli("glint_lightning.eval", "-m", f"ckpt_path={trained_ckpt},{second}", "split=val", cwd=cwd, env=env)
+    assert both.returncode == 0, both.stderr[-2000:]
+    assert both.stdout.count("scored:     val split, 16 tiles of ") == 2, both.stdout
+    assert (tmp_path / "copy" / "eval" / "second-val" / "metrics.json").is_file()
+    assert (trained_ckpt.parent.parent / "eval" / f"{trained_ckpt.stem}-val" / "pr_curve.png").is_file()
+    assert list(cwd.iterdir()) == []

@@ -74,7 +74,8 @@ class ResumableLoader(DataLoader):
 class GlintDataModule(L.LightningDataModule):
     """Train/val/test tiles from HDF5, normalisation statistics from the training file, train-time augmentation.
 
-    With no `train_path` and a `demo` block, the built-in synthetic set is generated once into `demo.cache_dir`.
+    With no `train_path` and a `demo` block, the built-in synthetic set is generated once into `demo.cache_dir`;
+    a `val_path` or `test_path` given with it replaces that demo split.
     """
 
     def __init__(
@@ -107,14 +108,15 @@ class GlintDataModule(L.LightningDataModule):
                 "and together below 1"
             )
         self.demo = dict(demo) if demo else None
+        self.paths = {"train": train_path, "val": val_path, "test": test_path}
+        self.demo_splits: set[str] = set()  # splits read from the generated demo set
         if train_path is None:
             if self.demo is None:
                 raise GlintError("data.train_path is not set; pass data.train_path=/path/train.h5 (or use data=demo)")
             folder = demo_folder(**self.demo)
-            train_path = str(folder / "train.h5")
-            val_path = str(folder / "val.h5") if self.demo["n_val"] else None
-            test_path = str(folder / "test.h5") if self.demo["n_test"] else None
-        self.paths = {"train": train_path, "val": val_path, "test": test_path}
+            counts = {"train": 1, "val": self.demo["n_val"], "test": self.demo["n_test"]}
+            self.demo_splits = {name for name, path in self.paths.items() if path is None and counts[name]}
+            self.paths.update({name: str(folder / f"{name}.h5") for name in self.demo_splits})
         self.keys = TileKeys(**(keys or {}))
         self.augment = AugmentConfig(**(augment or {}))
         self.depth_scale = depth_scale
@@ -138,7 +140,7 @@ class GlintDataModule(L.LightningDataModule):
         }
 
     def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
+        if "train" in self.datasets:
             return
         info = inspect_tile_file(self.paths["train"], self.keys, self.depth_scale)
         split = self._split_indices(info.n)
@@ -151,15 +153,33 @@ class GlintDataModule(L.LightningDataModule):
             elif len(split[name]):
                 self.datasets[name] = H5Tiles(info, self.keys, split[name])
         for name, ds in self.datasets.items():
-            if len(ds) == 0:
-                raise GlintError(
-                    f"{ds.info.path}: the {name} split is empty; add tiles or change data.val_fraction/test_fraction"
-                )
+            self._check_not_empty(name, ds)
         if "val" not in self.datasets:
             raise GlintError(
                 f"{self.paths['train']}: no validation tiles; set data.val_path=... or data.val_fraction>0"
             )
         self.depth_stats = depth_statistics(self.datasets["train"], self.hparams.norm_samples)
+
+    def setup_split(self, name: str) -> None:
+        """Open only what scoring split `name` (train, val or test) needs: its own file when it has one (a file of
+        the demo set is generated first), else the training file and its split, as `setup` does."""
+        own = self.paths[name] if name != "train" else None
+        if own is None:
+            self.prepare_data()
+            self.setup()
+            return
+        if name in self.demo_splits:
+            self.prepare_data()
+        if name not in self.datasets:
+            self.datasets[name] = H5Tiles(inspect_tile_file(own, self.keys, self.depth_scale), self.keys)
+            self._check_not_empty(name, self.datasets[name])
+
+    @staticmethod
+    def _check_not_empty(name: str, ds: H5Tiles) -> None:
+        if len(ds) == 0:
+            raise GlintError(
+                f"{ds.info.path}: the {name} split is empty; add tiles or change data.val_fraction/test_fraction"
+            )
 
     def describe(self) -> dict[str, Any]:
         """Plain-data summary written next to the run: files, split sizes, normalisation statistics."""
