@@ -30,6 +30,7 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
         @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
         def app(cfg: DictConfig) -> Any:
             stderr.release()
+            sys.stderr = stderr.real  # the task writes (and launchers pickle) the real stream
             in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
             with exit_on_user_error(in_sweep=in_sweep):
                 trust(cfg.get("trusted_targets"))

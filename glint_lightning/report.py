@@ -1,8 +1,13 @@
-"""`python -m glint_lightning.report outputs/multirun/<date>/<time> [metric=val/iou]`: one table for a sweep.
+"""`glint-report dir=outputs/multirun/<date>/<time> [metric=val/iou]`: one table for a sweep.
 
-Reads every job's overrides (`.hydra/overrides.yaml`) and results (`metrics.json`: best and final metrics,
-epochs, duration, checkpoints), and writes `report.md`, `report.csv` and `report.png` (the metric per job, best
-first) into the sweep folder. Jobs without results (failed or still running) are listed as such, last.
+Reads every job's overrides (`.hydra/overrides.yaml`) and results (`metrics.json`: best and final metrics, epochs,
+duration, checkpoints), and writes `report.md`, `report.csv` and `report.png` (the metric per job, best first) into
+the sweep folder. Jobs without results (failed or still running) are listed as such, last.
+
+A sweep folder of an Optuna study kept in a file (`hparams_search=optuna`; the folder holds `optuna_study.yaml`) is
+reported as the whole study, since a relaunch after a crash continues the study in a new sweep folder: one row per
+trial of the study file (its state, parameters and value), with the run data of its job folder wherever that is.
+The study file is read as JSON: reporting needs no Optuna.
 """
 
 from __future__ import annotations
@@ -14,11 +19,32 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import DictConfig
 
-from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
-from glint_lightning.metrics import check_metric, logged_metrics
+from glint_lightning.cli import hydra_app
+from glint_lightning.errors import GlintError
 
-DEFAULTS = {"sweep_dir": None, "metric": None}
+STUDY_POINTER = "optuna_study.yaml"  # written by glint_lightning.optuna_sweep into each sweep folder of a study
+TRIAL_STATUS = {"COMPLETE": "done", "FAIL": "failed", "RUNNING": "running", "PRUNED": "pruned", "WAITING": "waiting"}
+
+
+def run_data(job: Path) -> dict[str, Any]:
+    """A job folder's results from its metrics.json; {} when it has none (failed, unfinished, or gone)."""
+    metrics_file = job / "metrics.json"
+    if not metrics_file.is_file():
+        return {}
+    summary = json.loads(metrics_file.read_text())
+    data = {"epochs": summary.get("epochs"), "duration_s": summary.get("duration_s")}
+    data.update(optimized_metric=summary.get("optimized_metric"), best_score=summary.get("best_score"))
+    data.update(summary.get("final", {}))
+    data.update(summary.get("test", {}))
+    data["best_checkpoint"] = summary.get("best_checkpoint")
+    return data
+
+
+def _overrides(job: Path) -> list[str] | None:
+    file = job / ".hydra" / "overrides.yaml"
+    return (yaml.safe_load(file.read_text()) or []) if file.is_file() else None
 
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -26,23 +52,42 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         job = overrides_file.parent.parent
-        row: dict[str, Any] = {"job": job.name, "overrides": yaml.safe_load(overrides_file.read_text()) or []}
-        metrics_file = job / "metrics.json"
-        if metrics_file.is_file():
-            summary = json.loads(metrics_file.read_text())
-            row.update(status="done", epochs=summary.get("epochs"), duration_s=summary.get("duration_s"))
-            row.update(optimized_metric=summary.get("optimized_metric"), best_score=summary.get("best_score"))
-            row.update(summary.get("final", {}))
-            row.update(summary.get("test", {}))
-            row["best_checkpoint"] = summary.get("best_checkpoint")
-        else:
-            row["status"] = "failed or unfinished"
-        rows.append(row)
+        data = run_data(job)
+        status = "done" if data else "failed or unfinished"
+        rows.append({"job": job.name, "overrides": _overrides(job), "status": status, **data})
     return rows
+
+
+def study_rows(pointer: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]] | None:
+    """One row per trial of the study `pointer` names, and the sweep folders of its launches; None when its
+    study file is gone."""
+    study_file = Path(pointer["storage"])
+    if not study_file.is_file():
+        return None
+    studies = json.loads(study_file.read_text()).get("studies", [])
+    study = next((s for s in studies if s["name"] == pointer["study_name"]), None)
+    if study is None:
+        raise GlintError(f"{study_file}: no study named {pointer['study_name']}")
+    rows, sweeps = [], []
+    for trial in study["trials"]:
+        attrs = trial.get("system_attrs", {})
+        job = Path(attrs["hydra_sweep_dir"]) / str(attrs["hydra_job_num"]) if "hydra_sweep_dir" in attrs else None
+        if job is not None and str(job.parent) not in sweeps:
+            sweeps.append(str(job.parent))
+        data = run_data(job) if job else {}
+        if not data and trial.get("values"):  # no run data (job folder gone): the value the study recorded
+            data = {"optimized_metric": pointer.get("optimized_metric"), "best_score": trial["values"][0]}
+        params = {**trial["params"], **trial.get("user_attrs", {})}  # the sweeper's choices, then fixed overrides
+        overrides = (_overrides(job) if job else None) or [f"{k}={v}" for k, v in params.items()]
+        status = TRIAL_STATUS.get(trial["state"], trial["state"].lower())
+        rows.append({"job": str(trial["number"]), "overrides": overrides, "status": status, **data})
+    return rows, sweeps
 
 
 def sort_rows(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     """Best first by `metric` (its direction from the metrics table); jobs without it last."""
+    from glint_lightning.metrics import logged_metrics  # imports torch: only when a report is written
+
     sign = -1 if logged_metrics()[metric] == "max" else 1
     return sorted(rows, key=lambda r: (r.get(metric) is None, sign * (r.get(metric) or 0.0), r["job"]))
 
@@ -59,10 +104,29 @@ def _cell(value: Any, column: str) -> str:
     return "" if value is None else str(value)
 
 
-def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
+def _rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
+    """The rows, the markdown title lines, and the study pointer ({} for a plain sweep)."""
+    pointer_file = sweep_dir / STUDY_POINTER
+    pointer = yaml.safe_load(pointer_file.read_text()) if pointer_file.is_file() else {}
+    study = study_rows(pointer) if pointer else None
+    if study is not None:
+        rows, sweeps = study
+        title = [f"# Optuna study {pointer['study_name']} ({pointer['storage']})", ""]
+        title += [f"{len(rows)} trials, launched in {len(sweeps)} sweep folder(s): {', '.join(sweeps)}", ""]
+        return rows, title, pointer
+    if pointer:
+        print(f"warning: {pointer['storage']}: no such study file; reporting the jobs in {sweep_dir}", file=sys.stderr)
     rows = job_rows(sweep_dir)
     if not rows:
-        raise GlintError(f"{sweep_dir}: no job folders with .hydra/overrides.yaml; pass a multirun folder")
+        raise GlintError(f"dir={sweep_dir}: no job folders with .hydra/overrides.yaml; pass a multirun folder")
+    return rows, [f"# Sweep {sweep_dir}", ""], pointer
+
+
+def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
+    from glint_lightning.metrics import check_metric  # imports torch: --help and option errors stay quick
+
+    rows, title, pointer = _rows(sweep_dir)
+    metric = metric or pointer.get("optimized_metric")
     metric = metric or next((r["optimized_metric"] for r in rows if r.get("optimized_metric")), "val/iou")
     check_metric("metric", metric)
     for row in rows:  # the best score tracked during training, when it is the metric asked for
@@ -78,7 +142,7 @@ def write_report(sweep_dir: Path, metric: str | None = None) -> dict[str, Path]:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = [f"# Sweep {sweep_dir}", "", f"Sorted by {metric} (best during training), best first."]
+    lines = [*title, f"Sorted by {metric} (best during training), best first."]
     lines += [f"Overrides common to all {len(rows)} jobs: `{' '.join(common) or '(none)'}`", ""]
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c), c) for c in columns) + " |" for r in rows]
@@ -108,19 +172,19 @@ def _bar_chart(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str]) -> None:
-    with exit_on_user_error():
-        positional = [a for a in argv if "=" not in a]
-        args = parse_options("report", DEFAULTS, [a for a in argv if "=" in a])
-        sweep_dir = Path(positional[0] if positional else args.sweep_dir or "")
-        if not positional and not args.sweep_dir:
-            raise GlintError("report: pass the multirun folder, e.g. outputs/multirun/2026-11-24/10-00-00-000000")
-        if not sweep_dir.is_dir():
-            raise GlintError(f"{sweep_dir}: no such folder; pass a multirun folder (outputs/multirun/<date>/<time>)")
-        out = write_report(sweep_dir, args.metric)
-        print(out["md"].read_text())
-        print("\n".join(f"wrote {p}" for p in out.values()))
+@hydra_app("report")
+def main(cfg: DictConfig) -> dict[str, Path]:
+    """glint-report: one table (markdown, CSV, bar chart) for a sweep, or for every trial of an Optuna study."""
+    if cfg.dir is None:
+        raise GlintError("report: pass the sweep folder, e.g. dir=outputs/multirun/2026-11-24/10-00-00-000000")
+    sweep_dir = Path(str(cfg.dir))
+    if not sweep_dir.is_dir():
+        raise GlintError(f"dir={sweep_dir}: no such folder; pass a multirun folder (outputs/multirun/<date>/<time>)")
+    out = write_report(sweep_dir, cfg.metric)
+    print(out["md"].read_text())
+    print("\n".join(f"wrote {p}" for p in out.values()), flush=True)
+    return out
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

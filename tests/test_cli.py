@@ -30,7 +30,7 @@ def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path, env):
     assert losses == [f"glint_lightning.losses.{n}" for n in ("FocalLoss", "BCELoss", "HybridLoss")]
 
     sweep = jobs[0].parent
-    res = run_cli("glint_lightning.report", str(sweep), cwd=tmp_path, env=env)
+    res = run_cli("glint_lightning.report", f"dir={sweep}", cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     with open(sweep / "report.csv") as f:
         rows = list(csv.DictReader(f))

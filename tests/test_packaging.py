@@ -56,6 +56,7 @@ def test_the_wheel_carries_the_repos_configs(installed):
     packaged = sorted(p.relative_to(installed / "glint_lightning" / "conf") for p in installed.rglob("conf/**/*.yaml"))
     assert packaged == sorted(p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml"))
     assert not (REPO / "glint_lightning" / "conf").exists(), "one source of truth: the repo's conf/ only"
+    assert (installed / "hydra_plugins" / "glint_optuna_sweeper.py").is_file(), "the Optuna sweeper plugin ships"
     scripts = (installed / "glint_lightning-0.1.0.dist-info" / "entry_points.txt").read_text()
     for name, module in ENTRY_POINTS.items():
         assert f"{name} = {module}:main" in scripts

@@ -1,0 +1,130 @@
+"""`glint-report`: a Hydra app over conf/report.yaml, one table for a sweep or for every trial of an Optuna study."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from glint_lightning.optuna_sweep import StudyFile
+from glint_lightning.report import STUDY_POINTER, write_report
+from tests.conftest import run_cli
+
+
+def _job(sweep: Path, name: str, overrides: list[str], best: float | None = None) -> Path:
+    """A job folder as train leaves it: its overrides, and metrics.json when it finished."""
+    job = sweep / name
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if best is not None:
+        summary = {
+            "optimized_metric": "val/iou",
+            "best_score": best,
+            "final": {"val/iou": best - 0.01, "val/f1": 0.6},
+            "epochs": 1,
+            "duration_s": 3.0,
+            "best_checkpoint": str(job / "checkpoints" / "best.ckpt"),
+        }
+        (job / "metrics.json").write_text(json.dumps(summary))
+    return job
+
+
+def _sweep(root: Path) -> Path:
+    sweep = root / "outputs" / "multirun" / "2026-11-24" / "10-00-00-000000"
+    _job(sweep, "0", ["loss=bce", "seed=1"], best=0.4)
+    _job(sweep, "1", ["loss=dice", "seed=1"], best=0.5)
+    _job(sweep, "2", ["loss=focal", "seed=1"])
+    return sweep
+
+
+def _leftovers(cwd: Path, *expected: str) -> list[str]:
+    return sorted(p.name for p in cwd.iterdir() if p.name not in expected)
+
+
+@pytest.mark.slow
+def test_report_writes_the_table_into_the_sweep_folder_and_nothing_else(tmp_path):
+    sweep = _sweep(tmp_path)
+    res = run_cli("glint_lightning.report", "dir=outputs/multirun/2026-11-24/10-00-00-000000", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| job | overrides | status | val/iou |" in res.stdout
+    assert "Overrides common to all 3 jobs: `seed=1`" in res.stdout
+    with open(sweep / "report.csv") as f:
+        rows = [(r["job"], r["status"], r["val/iou"]) for r in csv.DictReader(f)]
+    assert rows == [("1", "done", "0.5"), ("0", "done", "0.4"), ("2", "failed or unfinished", "")]
+    assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert _leftovers(tmp_path, "outputs") == [], "no run folder, .hydra or log file in the working directory"
+
+    other = tmp_path / "outputs" / "multirun" / "2026-11-25" / "09-00-00-000000"
+    _job(other, "0", ["loss=hybrid"], best=0.3)
+    res = run_cli("glint_lightning.report", "-m", f"dir={sweep},{other}", "metric=val/f1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (other / "report.md").is_file() and "Sorted by val/f1" in (sweep / "report.md").read_text()
+    assert _leftovers(tmp_path, "outputs") == [], "a multirun keeps Hydra's bookkeeping out of the cwd"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["dri=x"], "error: Could not override 'dri'"),
+        ([], "error: report: pass the sweep folder, e.g. dir="),
+        (["dir=nowhere"], "error: dir=nowhere: no such folder"),
+        (["dir=.", "metric=val/iuo"], "error: dir=.: no job folders"),
+    ],
+)
+def test_bad_options_get_one_line_and_exit_2(tmp_path, args, message):
+    res = run_cli("glint_lightning.report", *args, cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()], res.stderr[-3000:]
+    assert res.stderr.startswith(message)
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_cfg_job_prints_the_options(tmp_path):
+    res = run_cli("glint_lightning.report", "--cfg", "job", "dir=some/sweep", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert yaml.safe_load(res.stdout) == {"dir": "some/sweep", "metric": None}
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # enqueue_trial
+def test_a_sweep_folder_of_a_study_reports_every_trial_of_every_launch(tmp_path):
+    """Launch 1 ran trial 0 (done) and was killed in trial 1; launch 2 ran trial 2, whose job folder is gone since;
+    trial 3 is still running. Any sweep folder of the study gives the same table of the 4 trials."""
+    first, second = tmp_path / "multirun" / "a", tmp_path / "multirun" / "b"
+    _job(first, "0", ["optimizer.lr=0.001", "seed=1"], best=0.4)
+    _job(first, "1", ["optimizer.lr=0.002", "seed=1"])
+    storage = StudyFile(tmp_path / "optuna" / "s.json")
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    launches = [(first, 0.001, "COMPLETE", 0.4), (first, 0.002, "FAIL", None)]
+    launches += [(second, 0.003, "COMPLETE", 0.45), (second, 0.004, "RUNNING", None)]
+    for number, (sweep, lr, state, value) in enumerate(launches):
+        study.enqueue_trial({"optimizer.lr": lr})
+        trial = study.ask()
+        trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
+        trial.set_user_attr("seed", 1)  # a fixed override, as the sweeper records it
+        trial.set_system_attr("hydra_sweep_dir", str(sweep))
+        trial.set_system_attr("hydra_job_num", number)
+        if state != "RUNNING":
+            study.tell(trial, value, state=optuna.trial.TrialState[state])
+    storage.close()
+    for sweep in (first, second):
+        sweep.mkdir(parents=True, exist_ok=True)
+        pointer = {"storage": str(storage.path), "study_name": "s", "optimized_metric": "val/iou"}
+        (sweep / STUDY_POINTER).write_text(yaml.safe_dump(pointer))
+
+    tables = [write_report(sweep)["md"].read_text() for sweep in (first, second)]
+    assert tables[0] == tables[1] and tables[1].startswith(f"# Optuna study s ({storage.path})")
+    with open(second / "report.csv") as f:
+        rows = [(r["job"], r["overrides"], r["status"], r["val/iou"]) for r in csv.DictReader(f)]
+    assert rows == [
+        ("2", "optimizer.lr=0.003", "done", "0.45"),  # the value the study recorded (no run data left)
+        ("0", "optimizer.lr=0.001", "done", "0.4"),  # best_score from its metrics.json
+        ("1", "optimizer.lr=0.002", "failed", ""),
+        ("3", "optimizer.lr=0.004", "running", ""),
+    ]
+    assert f"4 trials, launched in 2 sweep folder(s): {first}, {second}" in tables[1]
+    assert "Overrides common to all 4 jobs: `seed=1`" in tables[1]
