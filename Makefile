@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(PY) -m glint_lightning.train +experiment=quickstart $(ARGS)
+	$(PY) -m glint_lightning.train experiment=quickstart $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -45,7 +45,7 @@ def test_every_group_is_covered():
 @pytest.mark.parametrize(("group", "option"), _options(), ids=lambda v: str(v))
 def test_option_composes_and_builds(group, option, tmp_path):
     if group in OVERLAYS:
-        cfg = _compose(tmp_path, f"+{group}={option}" if group == "experiment" else f"{group}={option}")
+        cfg = _compose(tmp_path, f"{group}={option}")
         assert cfg.model._target_
         return
     extra = [*(TINY_MODEL.get(option, []) if group == "model" else []), *REQUIRED.get((group, option), [])]

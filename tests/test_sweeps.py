@@ -105,8 +105,8 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
             "hydra.launcher.partition",
             "gpu",
         ),
-        (["+experiment=loss_comparison"], "hydra.sweeper.params.loss", "focal,bce,dice,tversky,hybrid"),
-        (["+experiment=model_comparison"], "hydra.sweeper.params.model", "unet,deeplabv3plus,fcn"),
+        (["experiment=loss_comparison"], "hydra.sweeper.params.loss", "focal,bce,dice,tversky,hybrid"),
+        (["experiment=model_comparison"], "hydra.sweeper.params.model", "unet,deeplabv3plus,fcn"),
     ],
 )
 def test_sweep_and_launcher_configs_compose(overrides, key, expected):

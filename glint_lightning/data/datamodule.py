@@ -56,9 +56,11 @@ class ResumableLoader(DataLoader):
     _resume_at = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
+        return {"epoch": getattr(self.sampler, "epoch", 0), "batches_done": self.batches_done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if not isinstance(self.sampler, EpochShuffleSampler):  # overfit_batches swapped in a SequentialSampler
+            return
         if state["batches_done"] < len(self):
             self.sampler.set_epoch(state["epoch"])
             self._resume_at = int(state["batches_done"])

@@ -1,0 +1,74 @@
+"""`debug=<option>`: short runs that check the pipeline, each a real (tiny) training end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, run_cli
+
+# TINY minus its epoch count: each debug option sets its own.
+SMALL = [a for a in TINY if not a.startswith("trainer.max_epochs")]
+
+
+def _run(debug: str, tmp_path: Path, cache_dir: Path, *extra: str) -> tuple[Path, dict]:
+    res = run_cli(
+        "glint_lightning.train", f"debug={debug}", *SMALL, *extra, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)}
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    (run,) = (p.parent for p in tmp_path.glob("outputs/debug/*/*/metrics.json"))  # apart from real runs
+    return run, {"stdout": res.stdout, "stderr": res.stderr, **json.loads((run / "metrics.json").read_text())}
+
+
+def test_debug_options_compose_deterministic_cpu_runs(make_cfg):
+    for option in ("default", "fdr", "overfit", "profiler"):
+        cfg = make_cfg(f"debug={option}", "trainer=gpu")
+        assert cfg.trainer.accelerator == "cpu" and cfg.trainer.deterministic and cfg.trainer.devices == 1
+        assert cfg.trainer.precision == "32-true" and cfg.data.num_workers == 0
+    assert make_cfg("debug=fdr").trainer.fast_dev_run is True
+    assert make_cfg("debug=overfit").trainer.overfit_batches > 0
+    assert make_cfg("debug=profiler").trainer.profiler.dirpath.endswith("/run")
+
+
+def test_unknown_debug_option_is_refused_in_one_line(tmp_path):
+    res = run_cli("glint_lightning.train", "debug=fast_dev_run", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "debug/fast_dev_run" in res.stderr and "fdr" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_debug_default_is_one_short_epoch_with_checkpoints(tmp_path, cache_dir):
+    run, out = _run("default", tmp_path, cache_dir)
+    assert out["epochs"] == 1 and out["global_step"] == 4, "limit_train_batches=4 of the 6 batches"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and out["best_checkpoint"]
+    assert out["test"]["test/iou"] >= 0
+    assert [line for line in out["stdout"].splitlines() if line.startswith("epoch ")][0].startswith("epoch 1/1  ")
+
+
+@pytest.mark.slow
+def test_debug_fdr_runs_one_batch_and_saves_no_checkpoints(tmp_path, cache_dir):
+    run, out = _run("fdr", tmp_path, cache_dir)
+    assert out["global_step"] == 1
+    assert not list(run.glob("checkpoints/*.ckpt")) and not out["best_checkpoint"] and not out["last_checkpoint"]
+    assert "test/iou" in out["test"]
+    assert "best checkpoint:  (" not in out["stdout"]
+
+
+@pytest.mark.slow
+def test_debug_overfit_trains_on_the_same_few_batches(tmp_path, cache_dir):
+    run, out = _run("overfit", tmp_path, cache_dir, "trainer.max_epochs=2")
+    assert out["epochs"] == 2 and out["global_step"] == 4, "2 batches an epoch"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    losses = [
+        float(line.split("train/loss=")[1].split()[0]) for line in out["stdout"].splitlines() if "train/loss=" in line
+    ]
+    assert len(losses) == 2 and losses[1] < losses[0], out["stdout"]
+
+
+@pytest.mark.slow
+def test_debug_profiler_writes_its_report_into_the_run_dir(tmp_path, cache_dir):
+    run, _ = _run("profiler", tmp_path, cache_dir, "test=false")
+    report = (run / "fit-profile.txt").read_text()
+    assert "run_training_epoch" in report and "Mean duration" in report
