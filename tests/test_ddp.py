@@ -19,7 +19,11 @@ def test_two_cpu_ranks_train_disjoint_shards_to_identical_weights_and_resume(tmp
         "GLINT_CACHE_DIR": str(cache_dir),
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
-    report = ["trusted_targets=[tests.]", "+callbacks.report._target_=tests.conftest.RankReport", f"+callbacks.report.out={tmp_path}/first"]
+    report = [
+        "trusted_targets=[tests.]",
+        "+callbacks.report._target_=tests.conftest.RankReport",
+        f"+callbacks.report.out={tmp_path}/first",
+    ]
     res = run_cli("glint_lightning.train", *DDP, "trainer.max_epochs=1", *report, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"first/rank{r}.json").read_text()) for r in (0, 1)]
@@ -34,7 +38,11 @@ def test_two_cpu_ranks_train_disjoint_shards_to_identical_weights_and_resume(tmp
     assert [p.name for p in tmp_path.glob("outputs/*")] == ["ddp"], "rank 1 writes no run dir of its own"
     assert not list(run.glob(".pl_hydra*")) and (run / ".hydra/config.yaml").is_file()
 
-    report = ["trusted_targets=[tests.]", "+callbacks.report._target_=tests.conftest.RankReport", f"+callbacks.report.out={tmp_path}/second"]
+    report = [
+        "trusted_targets=[tests.]",
+        "+callbacks.report._target_=tests.conftest.RankReport",
+        f"+callbacks.report.out={tmp_path}/second",
+    ]
     res = run_cli(
         "glint_lightning.train", *DDP, "trainer.max_epochs=2", "ckpt_path=last", *report, cwd=tmp_path, env=env
     )
