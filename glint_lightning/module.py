@@ -12,11 +12,12 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from torch import nn
+from torchmetrics import MetricCollection
 
 from glint_lightning import __version__
 from glint_lightning.callbacks.finetuning import FreezeParts
 from glint_lightning.errors import TrainingDiverged
-from glint_lightning.metrics import pixel_metrics
+from glint_lightning.metrics import OBJECT_METRICS, ObjectMetric, pixel_metrics
 from glint_lightning.models.common import model_part
 from glint_lightning.resume import load_checkpoint
 from glint_lightning.seeding import STREAM_DROPOUT, derive_seed
@@ -82,13 +83,20 @@ class GlintModule(L.LightningModule):
         self.register_buffer("depth_std", torch.tensor(1.0))
         self.val_metrics = pixel_metrics("val", threshold, ap_bins)
         self.test_metrics = pixel_metrics("test", threshold, ap_bins)
+        self.test_objects = ObjectMetric(threshold)  # glint-level counts: CPU work per tile, so test stage only
+        self.test_label = "test"
 
     def set_threshold(self, threshold: float) -> None:
         """Use a (calibrated) probability threshold for the metrics and for inference from now on."""
         self.hparams.threshold = threshold
-        for metric in (*self.val_metrics.values(), *self.test_metrics.values()):
+        for metric in (*self.val_metrics.values(), *self.test_metrics.values(), self.test_objects):
             if hasattr(metric, "threshold"):
                 metric.threshold = threshold
+
+    def set_test_label(self, label: str) -> None:
+        """Name what the test loop scores (`<label>/iou`, ...): eval runs any split (train, val, test) through it."""
+        self.test_label = label
+        self.test_metrics = pixel_metrics(label, self.hparams.threshold, self.hparams.ap_bins)
 
     def set_depth_stats(self, mean: float, std: float) -> None:
         """Normalisation statistics of the training data; part of the state dict so inference reuses them."""
@@ -145,13 +153,14 @@ class GlintModule(L.LightningModule):
                 f"(now {lr}) or set trainer.gradient_clip_val=1.0"
             )
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], stage: str) -> dict[str, torch.Tensor]:
+    def _evaluate(
+        self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection
+    ) -> dict[str, torch.Tensor]:
         logits = self(batch["depth"], batch["valid"])
         loss = self.loss_fn(logits, batch["mask"], batch["valid"])
         self.log(
             f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=logits.shape[0], sync_dist=True
         )
-        metrics = self.val_metrics if stage == "val" else self.test_metrics
         valid = batch["valid"]
         with _native_bincount_on_cpu(logits.device):
             metrics.update(torch.sigmoid(logits)[valid], batch["mask"][valid].int())
@@ -159,10 +168,22 @@ class GlintModule(L.LightningModule):
         return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._evaluate(batch, "val")
+        return self._evaluate(batch, "val", self.val_metrics)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_objects.reset()  # here rather than at the end: eval reads the counts after trainer.test
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return self._evaluate(batch, "test")
+        out = self._evaluate(batch, self.test_label, self.test_metrics)
+        self.test_objects.update(torch.sigmoid(out["logits"]), batch["mask"], batch["valid"])
+        return out
+
+    def on_test_epoch_end(self) -> None:
+        # compute() sums the counts over DDP ranks, so every rank holds the same values and "max" syncs them exactly
+        values = self.test_objects.compute()
+        self.log_dict(
+            {f"{self.test_label}/object_{k}": values[k] for k in OBJECT_METRICS}, sync_dist=True, reduce_fx="max"
+        )
 
     def configure_callbacks(self) -> list[L.Callback]:
         freeze = self.hparams.model.get("freeze") or []
