@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +99,130 @@ def check_resumable(path: Path, model_cfg: Mapping[str, Any], ignore: tuple[str,
             "override the model to match or start a new run without ckpt_path"
         )
     return ckpt
+
+
+def finished_epochs(ckpt: Mapping[str, Any]) -> int:
+    """Epochs the checkpoint has finished (Lightning's `epoch` is the index of the one it was saved in)."""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError):
+        return int(ckpt.get("epoch", 0))
+
+
+def check_length(path: Path, ckpt: Mapping[str, Any], max_epochs: int | None, max_steps: int | None) -> None:
+    """Refuse a resume whose trainer.max_epochs / max_steps leave nothing to train (Lightning would either raise
+    a traceback or stop at once)."""
+    done, step = finished_epochs(ckpt), int(ckpt.get("global_step", 0))
+    held = f"the checkpoint holds {done} finished epoch{'s' * (done != 1)} (global step {step})"
+    if max_epochs is not None and max_epochs != -1 and max_epochs <= done:
+        raise GlintError(
+            f"{path}: {held}, so trainer.max_epochs={max_epochs} leaves nothing to train; pass "
+            f"trainer.max_epochs={done + 1} or more to train longer"
+        )
+    if max_steps is not None and max_steps != -1 and max_steps <= step:
+        raise GlintError(
+            f"{path}: {held}, so trainer.max_steps={max_steps} leaves nothing to train; pass "
+            f"trainer.max_steps={step + 1} or more (or trainer.max_steps=-1) to train longer"
+        )
+
+
+# Scheduler keys that say how long the schedule is (in `interval` units): a change is "train longer".
+LENGTH_KEYS = ("scheduler.T_max", "scheduler.total_iters")
+SCHEDULER_NAMES = {"CosineAnnealingLR": "cosine", "LinearLR": "linear", "ExponentialLR": "exponential"}
+
+
+@dataclass
+class ResumePlan:
+    """What a resume does beyond Lightning's restore: rebuild the LR schedule for this run's config (advanced by
+    `steps` scheduler steps) and which settings differ from the checkpoint's."""
+
+    rebuild: bool = False
+    steps: int = 0
+    schedule: str = ""  # e.g. "cosine over 2 -> 4 epochs", completed with where it continues
+    at: str = ""  # e.g. "epoch 2" or "step 24"
+    fresh_optimizer: str = ""  # why the stored optimizer state cannot be used (empty: it is kept)
+    differences: list[str] = field(default_factory=list)
+
+    def warning(self) -> str | None:
+        """The one warning line naming the settings that differ from the checkpoint's, or None."""
+        if not self.differences:
+            return None
+        more = len(self.differences) - 6
+        shown = "; ".join(self.differences[:6]) + (f" (and {more} more)" if more > 0 else "")
+        return f"resuming with settings that differ from the checkpoint's; this run's apply from {self.at}: {shown}"
+
+
+def _scheduler_name(sched: Mapping[str, Any] | None) -> str:
+    target = str(((sched or {}).get("scheduler") or {}).get("_target_", ""))
+    return SCHEDULER_NAMES.get(target.rsplit(".", 1)[-1], target.rsplit(".", 1)[-1] or "constant")
+
+
+def _scheduler_steps(
+    ckpt: Mapping[str, Any], stored: Mapping[str, Any] | None, composed: Mapping[str, Any], done: int
+) -> int:
+    """How many times the resumed run's scheduler would have stepped: the stored count when the stepping rule is
+    unchanged, else counted from the epochs / steps done (as Lightning steps: every `frequency` epochs or steps)."""
+    rule = ("interval", "frequency")
+    states = ckpt.get("lr_schedulers") or []
+    if states and stored and all(stored.get(k) == composed.get(k) for k in rule) and "last_epoch" in states[0]:
+        return int(states[0]["last_epoch"])
+    frequency = max(int(composed.get("frequency", 1) or 1), 1)
+    if composed.get("interval", "epoch") == "step":
+        return int(ckpt.get("global_step", 0)) // frequency
+    return done // frequency
+
+
+def _short(target: Any) -> str:
+    return str(target).rsplit(".", 1)[-1] if target else "none"
+
+
+def _group_differences(group: str, stored: Mapping[str, Any], composed: Mapping[str, Any], target: str) -> list[str]:
+    """'group.key: stored -> composed' entries; a different class (`target` key) is one entry naming both."""
+    a, b = _flatten(stored).get(target), _flatten(composed).get(target)
+    if a != b:
+        return [f"{group}: {_short(a)} -> {_short(b)}"]
+    return [f"{group}.{d}" for d in config_differences(stored, composed)]
+
+
+def plan_resume(ckpt: Mapping[str, Any], hparams: Mapping[str, Any], data: Mapping[str, Any]) -> ResumePlan:
+    """Compare the checkpoint's optimizer / scheduler / loss / data config with this run's (`hparams` of the
+    freshly built module, `data` the composed data config)."""
+    stored_hp = ckpt.get("hyper_parameters") or {}
+    stored_data = (stored_hp.get("config") or {}).get("data")
+    done, step = finished_epochs(ckpt), int(ckpt.get("global_step", 0))
+    sched = hparams.get("scheduler") if (hparams.get("scheduler") or {}).get("scheduler") else None
+    stored_sched = stored_hp.get("scheduler") if (stored_hp.get("scheduler") or {}).get("scheduler") else None
+    unit = (sched or {}).get("interval", "epoch")
+    plan = ResumePlan(at=f"step {step}" if unit == "step" else f"epoch {done}")
+
+    opt, stored_opt = hparams.get("optimizer") or {}, stored_hp.get("optimizer") or {}
+    sched_diffs = config_differences(stored_sched or {}, sched or {})
+    length = [d.split(":")[0] for d in sched_diffs if d.split(":")[0] in LENGTH_KEYS]
+    other_sched = {k: v for k, v in _flatten(sched or {}).items() if k not in length}
+    stored_other_sched = {k: v for k, v in _flatten(stored_sched or {}).items() if k not in length}
+    plan.differences = [
+        *_group_differences("optimizer", stored_opt, opt, "_target_"),
+        *_group_differences("scheduler", stored_other_sched, other_sched, "scheduler._target_"),
+        *_group_differences("loss", stored_hp.get("loss") or {}, hparams.get("loss") or {}, "_target_"),
+        *(_group_differences("data", stored_data, data, "_target_") if stored_data is not None else []),
+    ]
+    if stored_opt.get("_target_") != opt.get("_target_"):
+        plan.fresh_optimizer = f"{_short(stored_opt.get('_target_'))} -> {_short(opt.get('_target_'))}"
+    no_state = "optimizer_states" not in ckpt
+    plan.rebuild = bool(sched_diffs or config_differences(stored_opt, opt) or (no_state and sched))
+    if not plan.rebuild:
+        return plan
+    plan.steps = _scheduler_steps(ckpt, stored_sched, sched or {}, done) if sched else 0
+    name, units = _scheduler_name(sched), "steps" if unit == "step" else "epochs"
+    if not sched:
+        plan.schedule = "constant learning rate"
+    elif length and _scheduler_name(stored_sched) == name:
+        old, new = _flatten(stored_sched).get(length[0]), _flatten(sched).get(length[0])
+        warmup = int(sched.get("warmup_epochs", 0) or 0)
+        after = f" (after a warm-up of {warmup} {units[:-1] if warmup == 1 else units})" if warmup else ""
+        plan.schedule = f"{name} over {old} -> {new} {units}{after}"
+    elif no_state:
+        plan.schedule = f"{name} rebuilt (the checkpoint holds no optimizer state)"
+    else:
+        plan.schedule = f"{name} rebuilt for this run's settings"
+    return plan

@@ -5,29 +5,35 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
 import signal
+import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from glint_lightning.callbacks import CheckpointOnInterrupt
+from glint_lightning.callbacks import CheckpointOnInterrupt, ResumeSchedule
 from glint_lightning.checkpoint_io import remove_stale_temporaries
 from glint_lightning.cli import hydra_app
 from glint_lightning.errors import GlintError, Interrupted
 from glint_lightning.evaluation import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
+from glint_lightning.models.common import check_network
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
 from glint_lightning.provenance import provenance
-from glint_lightning.resume import check_resumable, load_checkpoint, resolve_ckpt_path
+from glint_lightning.resume import check_length, check_resumable, load_checkpoint, plan_resume, resolve_ckpt_path
+from glint_lightning.run_lock import RunLock
 from glint_lightning.trust import LIGHTNING_GROUPS, check_targets
 
 
@@ -45,23 +51,68 @@ def check_config(cfg: DictConfig) -> None:
         raise GlintError(f"data.batch_size={cfg.data.batch_size}; use a positive batch size (e.g. data.batch_size=16)")
     if cfg.trainer.get("max_epochs") is not None and cfg.trainer.max_epochs < 1:
         raise GlintError(f"trainer.max_epochs={cfg.trainer.max_epochs}; train for at least one epoch")
+    if cfg.model.get("in_channels", 1) != 1:
+        raise GlintError(
+            f"model.in_channels={cfg.model.in_channels}: the input is one depth channel; use model.in_channels=1 "
+            "(pretrained RGB first convolutions are adapted to it)"
+        )
+    if cfg.model.get("out_channels", 1) != 1:
+        raise GlintError(
+            f"model.out_channels={cfg.model.out_channels}: glint masks are binary, so a network gives one logit per "
+            "pixel (the losses and metrics take (B, 1, H, W) logits); use model.out_channels=1"
+        )
 
 
 def build_module(cfg: DictConfig, tile_size: tuple[int, int] | None = None) -> GlintModule:
     """The LightningModule from plain data only (what checkpoints store and weights_only loading accepts)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return GlintModule(
-        model=plain["model"],
-        loss=plain["loss"],
-        optimizer=plain["optimizer"],
-        scheduler=plain.get("scheduler"),
-        threshold=plain["threshold"],
-        ap_bins=plain["ap_bins"],
-        seed=plain["seed"],
-        aux_weight=plain.get("aux_weight", 0.5),
-        tile_size=list(tile_size) if tile_size else None,
-        config={k: v for k, v in plain.items() if k != "hydra"},
+    try:
+        return GlintModule(
+            model=plain["model"],
+            loss=plain["loss"],
+            optimizer=plain["optimizer"],
+            scheduler=plain.get("scheduler"),
+            threshold=plain["threshold"],
+            ap_bins=plain["ap_bins"],
+            seed=plain["seed"],
+            aux_weight=plain.get("aux_weight", 0.5),
+            tile_size=list(tile_size) if tile_size else None,
+            config={k: v for k, v in plain.items() if k != "hydra"},
+        )
+    except InstantiationException as err:
+        wrong = _wrong_arguments(err, plain)
+        if wrong is None:
+            raise
+        raise wrong from None
+
+
+def _wrong_arguments(err: InstantiationException, plain: dict[str, Any]) -> GlintError | None:
+    """A constructor refusing its keyword arguments (e.g. `+model.colour=red`) is the user's mistake: one line
+    naming the config group, instead of Hydra's traceback."""
+    cause = err.__cause__
+    text = str(cause)
+    if not isinstance(cause, TypeError) or not ("keyword argument" in text or "required positional" in text):
+        return None
+    parts = text.split("(")[0].split(".")  # "UNet.__init__() got an unexpected keyword argument 'colour'"
+    callee = parts[-2] if parts[-1] == "__init__" and len(parts) > 1 else parts[-1]
+    group = next(
+        (g for g in ("model", "loss") if str(plain.get(g, {}).get("_target_", "")).rsplit(".", 1)[-1] == callee),
+        "model/loss",
     )
+    return GlintError(f"{group}: {text}; fix the key (python -m glint_lightning.train --cfg job shows the config)")
+
+
+def _plan_resume(cfg: DictConfig, ckpt_path: Path, module: GlintModule) -> list[L.Callback]:
+    """Refuse what cannot resume; say what differs from the checkpoint; rebuild the LR schedule when it must."""
+    ckpt = check_resumable(ckpt_path, module.hparams.model, ignore=WEIGHT_SOURCE_KEYS)
+    check_length(ckpt_path, ckpt, cfg.trainer.get("max_epochs"), cfg.trainer.get("max_steps"))
+    plan = plan_resume(ckpt, module.hparams, OmegaConf.to_container(cfg.data, resolve=True))
+    warning = plan.warning()
+    if warning and rank_zero_only.rank == 0:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    if not plan.rebuild:
+        return []
+    return [ResumeSchedule(plan.steps, plan.schedule, plan.at, plan.fresh_optimizer)]
 
 
 def _monitoring_checkpoint(trainer: L.Trainer, metric: str) -> ModelCheckpoint | None:
@@ -76,8 +127,19 @@ def train(cfg: DictConfig) -> float | None:
     """Train as configured; returns the best value of `optimized_metric` (for sweepers), or None."""
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir / "checkpoints", Path(cfg.paths.outputs_root))
+    with _run_dir_lock(run_dir):
+        return _train(cfg, run_dir, ckpt_path)
+
+
+def _run_dir_lock(run_dir: Path) -> AbstractContextManager:
+    """The run dir's lock, held by the process that writes the run's files (under DDP: global rank 0 only)."""
+    node_rank = int(os.environ.get("NODE_RANK", "0") or 0)
+    return RunLock(run_dir) if rank_zero_only.rank == 0 and node_rank == 0 else nullcontext()
+
+
+def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> float | None:
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), ckpt_dir, Path(cfg.paths.outputs_root))
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data, _convert_="all")
@@ -85,6 +147,7 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.setup("fit")
     train_info = datamodule.datasets["train"].info
     module = build_module(cfg, tile_size=(train_info.height, train_info.width))
+    check_network(module.model, f"model._target_={cfg.model._target_}")
     if cfg.get("channels_last"):
         module.model.to(memory_format=torch.channels_last)
     if cfg.get("compile"):
@@ -96,8 +159,9 @@ def train(cfg: DictConfig) -> float | None:
             f"stride of {stride} px (they would be mostly padding); use tiles of at least {stride}x{stride} px or a "
             "shallower model (e.g. model.depth=2)"
         )
+    extra_callbacks: list[L.Callback] = []
     if ckpt_path is not None:
-        check_resumable(ckpt_path, module.hparams.model, ignore=WEIGHT_SOURCE_KEYS)
+        extra_callbacks = _plan_resume(cfg, ckpt_path, module)
     else:
         module.set_depth_stats(*datamodule.depth_stats)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes the run's files
@@ -109,6 +173,7 @@ def train(cfg: DictConfig) -> float | None:
     started = time.monotonic()
 
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]
+    callbacks += extra_callbacks
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     try:
@@ -130,7 +195,7 @@ def train(cfg: DictConfig) -> float | None:
         "run_dir": str(run_dir),
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
-        "best_checkpoint": best_cb.best_model_path if best_cb else None,
+        "best_checkpoint": (best_cb.best_model_path or None) if best_cb else None,
         "last_checkpoint": str(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").is_file() else None,
         "optimized_metric": cfg.optimized_metric,
         "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
@@ -148,7 +213,7 @@ def train(cfg: DictConfig) -> float | None:
     if not trainer.is_global_zero:
         return None
     (run_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
-    _print_summary(summary)
+    _print_summary(summary, _why_no_checkpoint(trainer, best_cb, cfg.optimized_metric))
 
     score = summary["best_score"]
     if score is None:
@@ -186,13 +251,29 @@ def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any]) ->
     return {"value": threshold, "val_f1": f1}
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    final = summary["final"]
-    val = "  ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("val/"))
+def _why_no_checkpoint(trainer: L.Trainer, best_cb: ModelCheckpoint | None, metric: str) -> str:
+    """Why the summary has no best (or last) checkpoint to show."""
+    if trainer.fast_dev_run:
+        return "fast_dev_run saves no checkpoints"
+    if best_cb is None:
+        return f"no checkpoint callback monitors {metric}"
+    return f"{metric} was never logged" if best_cb.best_model_score is None else "none was written"
+
+
+def _print_summary(summary: dict[str, Any], why_none: str = "") -> None:
+    """The end-of-run lines: checkpoints, scores rounded to 4 digits, and where the rest is."""
+    final, metric, run_dir = summary["final"], summary["optimized_metric"], Path(summary["run_dir"])
+    val = "  ".join(f"{k}={v:.4f}" for k, v in final.items() if k.startswith("val/")) or "none (no validation ran)"
+    score = summary["best_score"]
+    if summary["best_checkpoint"]:
+        best = f"{summary['best_checkpoint']} ({metric}={'none' if score is None else f'{score:.4f}'})"
+    else:
+        best = f"none ({why_none})"
+    last = summary["last_checkpoint"] or (f"none ({why_none})" if why_none.startswith("fast_dev_run") else "none")
     lines = [
-        f"run dir:         {summary['run_dir']}",
-        f"best checkpoint: {summary['best_checkpoint']} ({summary['optimized_metric']}={summary['best_score']})",
-        f"last checkpoint: {summary['last_checkpoint']}",
+        f"run dir:         {run_dir}",
+        f"best checkpoint: {best}",
+        f"last checkpoint: {last}",
         f"final val:       {val}",
     ]
     if "threshold" in summary:
@@ -201,8 +282,10 @@ def _print_summary(summary: dict[str, Any]) -> None:
             3, f"threshold:       {t['value']:.2f} (maximises val F1: {t['val_f1']:.4f}; stored in the checkpoints)"
         )
     if "test" in summary:
-        lines.append("test (best):     " + "  ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))
-    lines.append(f"metrics:         {summary['run_dir']}/metrics.json, TensorBoard logs in {summary['run_dir']}")
+        label = "test (best):    " if summary["best_checkpoint"] else "test (final):   "
+        lines.append(f"{label} " + "  ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))
+    logs = f", TensorBoard logs in {run_dir}" if (run_dir / "tensorboard").is_dir() else ""
+    lines.append(f"metrics:         {run_dir / 'metrics.json'}{logs}")
     print("\n".join(lines), flush=True)
 
 

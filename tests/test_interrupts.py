@@ -22,6 +22,12 @@ EXACT = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def trust_test_callbacks(monkeypatch):
+    """The signal and crash callbacks below live in tests.conftest: the user's own code, trusted as a user would."""
+    monkeypatch.setenv("GLINT_TRUSTED_TARGETS", "tests.")
+
+
 @pytest.fixture
 def terminal_sigint():
     """Ctrl-C handling as in a terminal (a CI job or a background shell may start with SIGINT ignored)."""

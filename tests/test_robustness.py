@@ -11,7 +11,7 @@ from glint_lightning.errors import GlintError
 from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.resume import load_checkpoint
 from glint_lightning.train import train
-from tests.conftest import run_cli
+from tests.conftest import TINY, run_cli
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(make_cfg, tmp_path, monkeypatch):
@@ -63,3 +63,42 @@ def test_files_that_need_arbitrary_unpickling_are_refused_without_running_them(t
     assert not marker.exists(), "the payload never ran"
     torch.load(path, weights_only=False)  # what an unsafe loader would do: the payload runs
     assert marker.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["model.init=he"], "error: model.init='he'; use kaiming or xavier"),
+        (["model.upsample=nearest"], "error: model.upsample='nearest'; use transpose or bilinear"),
+        (
+            ["model.out_channels=2"],
+            "error: model.out_channels=2: glint masks are binary, so a network gives one logit per pixel (the losses "
+            "and metrics take (B, 1, H, W) logits); use model.out_channels=1",
+        ),
+        (
+            ["+model.colour=red"],
+            "error: model: UNet.__init__() got an unexpected keyword argument 'colour'; fix the key "
+            "(python -m glint_lightning.train --cfg job shows the config)",
+        ),
+        (["model.strict=true", "model.pretrained={weights}"], "error: model.strict=true but the weights do not match"),
+        (
+            ["ckpt_path={ckpt}", "trainer.max_epochs=1"],
+            "error: {ckpt}: the checkpoint holds 1 finished epoch (global step 6), so trainer.max_epochs=1 leaves "
+            "nothing to train; pass trainer.max_epochs=2 or more to train longer",
+        ),
+    ],
+    ids=["init", "upsample", "out_channels", "unknown-key", "strict", "max_epochs"],
+)
+def test_user_mistakes_reach_the_user_as_one_line(tmp_path, cache_dir, trained_ckpt, args, line):
+    weights = tmp_path / "other.pth"
+    torch.save({"inc.0.weight": torch.zeros(3, 1, 3, 3)}, weights)
+    args = [a.format(weights=weights, ckpt=trained_ckpt) for a in args]
+    res = run_cli(
+        "glint_lightning.train", *TINY, "test=false", f"hydra.run.dir={tmp_path / 'run'}", *args, cwd=tmp_path
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith(
+        line.format(ckpt=trained_ckpt)
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()

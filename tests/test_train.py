@@ -1,10 +1,12 @@
 """Training through the real entry point: Hydra compose + train(), checkpoints, resume, config checks."""
 
 import json
+import re
 import warnings
 
 import pytest
 import torch
+from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glint_lightning.errors import GlintError
@@ -16,11 +18,16 @@ def _ckpts(run_dir):
     return sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
 
 
-def test_train_writes_checkpoints_metrics_and_returns_the_optimized_metric(make_cfg, tmp_path):
+def test_train_writes_checkpoints_metrics_and_returns_the_optimized_metric(make_cfg, tmp_path, capsys):
     cfg = make_cfg("callbacks.checkpoint.every_n_epochs=1", "callbacks.prediction_images.every_n_epochs=2")
     score = train(cfg)
     run = tmp_path / "run"
     summary = json.loads((run / "metrics.json").read_text())
+    out = capsys.readouterr().out
+    assert re.search(r"^best checkpoint: \S+best-epoch00[01]\.ckpt \(val/iou=\d\.\d{4}\)$", out, re.M), out
+    scores = [ln for ln in out.splitlines() if ln.startswith(("best checkpoint:", "final val:", "test (best):"))]
+    assert len(scores) == 3 and not any(re.search(r"\d\.\d{5}", ln) for ln in scores), scores
+    assert not (run / "train.lock").exists(), "the run dir's lock is released at the end"
     assert isinstance(score, float) and score == pytest.approx(summary["best_score"])
     assert {"best-epoch000.ckpt", "best-epoch001.ckpt"} & set(_ckpts(run))
     assert {"last.ckpt", "epoch000.ckpt", "epoch001.ckpt"} <= set(_ckpts(run))
@@ -99,7 +106,7 @@ def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_resume_is_exact(make_cfg, tmp_path):
+def test_resume_is_exact(make_cfg, tmp_path, capsys):
     common = [
         "trainer.deterministic=true",
         "scheduler=exponential",
@@ -109,7 +116,10 @@ def test_resume_is_exact(make_cfg, tmp_path):
     ]
     train(make_cfg(*common, "trainer.max_epochs=4", run="straight"))
     train(make_cfg(*common, "trainer.max_epochs=2", run="split"))
+    capsys.readouterr()
     train(make_cfg(*common, "trainer.max_epochs=4", "ckpt_path=last", run="split"))
+    out, err = capsys.readouterr()
+    assert "schedule:" not in out and "warning:" not in err, "the same settings resume as stored"
     straight = _weights(tmp_path / "straight/checkpoints/last.ckpt")
     resumed = _weights(tmp_path / "split/checkpoints/last.ckpt")
     assert torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4 * 6
@@ -185,3 +195,140 @@ def test_optimizer_state_off_shrinks_checkpoints_and_resumes_partially(make_cfg,
     assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.0123), "fresh optimizer at the configured LR"
     adam_steps = {float(s["step"]) for s in optimizer["state"].values()}
     assert adam_steps == {float(slim_ckpt["global_step"])}, "Adam moments start from zero at the resume"
+
+
+SHORT = [  # 2 steps an epoch and one validation batch: enough to follow a schedule across a resume
+    "++trainer.limit_train_batches=2",
+    "++trainer.limit_val_batches=1",
+    "test=false",
+    "calibrate_threshold=false",
+    "callbacks.prediction_images.every_n_epochs=0",
+]
+
+
+def _epoch_lrs(run_dir):
+    """The learning rate of each epoch, as LearningRateMonitor logged it at the epoch's start."""
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return [e.value for e in sorted(events.Scalars("lr-Adam"), key=lambda e: e.step)]
+
+
+def _fresh_schedule_lrs(cfg, epochs):
+    """What a run configured as `cfg` from scratch uses in each epoch."""
+    conf = build_module(cfg).configure_optimizers()
+    optimizer, scheduler, lrs = conf["optimizer"], conf["lr_scheduler"]["scheduler"], []
+    for _ in range(epochs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs, optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize(
+    "variant, line",
+    [
+        ([], "schedule: cosine over 2 -> 4 epochs; continuing at epoch 2 (lr 5.0e-04)"),
+        (
+            ["scheduler.warmup_epochs=1"],
+            "schedule: cosine over 2 -> 4 epochs (after a warm-up of 1 epoch); continuing at epoch 2 (lr 8.5e-04)",
+        ),
+        (["callbacks.optimizer_state.save=false"], "schedule: cosine over 2 -> 4 epochs; continuing at epoch 2"),
+    ],
+    ids=["cosine", "warmup", "weights-only"],
+)
+def test_training_longer_continues_the_schedule_for_the_new_length(make_cfg, tmp_path, capsys, variant, line):
+    train(make_cfg(*SHORT, *variant, "trainer.max_epochs=2"))
+    capsys.readouterr()
+    longer = make_cfg(*SHORT, *variant, "trainer.max_epochs=4", "ckpt_path=last")
+    train(longer)
+    assert line in capsys.readouterr().out
+    expected, final = _fresh_schedule_lrs(longer, 4)
+    assert _epoch_lrs(tmp_path / "run")[2:] == pytest.approx(expected[2:], rel=1e-5), "where the 4-epoch curve is"
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    if "optimizer_states" in ckpt:
+        assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(final, rel=1e-5)
+        assert ckpt["lr_schedulers"][0]["last_epoch"] == 4
+    if not variant:
+        assert final == pytest.approx(1e-6), "the cosine ends at eta_min, not back at the full learning rate"
+
+
+def test_resume_names_other_differences_and_applies_them(make_cfg, tmp_path, capsys):
+    train(make_cfg(*SHORT, "trainer.max_epochs=1"))
+    capsys.readouterr()
+    train(
+        make_cfg(
+            *SHORT,
+            "trainer.max_epochs=2",
+            "optimizer.weight_decay=0.01",
+            "loss=bce",
+            "data.batch_size=16",
+            "ckpt_path=last",
+        )
+    )
+    out, err = capsys.readouterr()
+    warning = [ln for ln in err.splitlines() if ln.startswith("warning: resuming")]
+    assert warning == [
+        "warning: resuming with settings that differ from the checkpoint's; this run's apply from epoch 1: "
+        "optimizer.weight_decay: 0.0 -> 0.01; loss: HybridLoss -> BCELoss; data.batch_size: 8 -> 16"
+    ]
+    assert "schedule: cosine over 1 -> 2 epochs; continuing at epoch 1" in out
+    ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01, "this run's value applies"
+    assert any(float(s["step"]) == 4 for s in ckpt["optimizer_states"][0]["state"].values()), "Adam moments kept"
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        (
+            "trainer.max_epochs=1",
+            r"last\.ckpt: the checkpoint holds 1 finished epoch \(global step 6\), so trainer\.max_epochs=1 leaves "
+            r"nothing to train; pass trainer\.max_epochs=2 or more to train longer",
+        ),
+        ("++trainer.max_steps=6", r"so trainer\.max_steps=6 leaves nothing to train; pass trainer\.max_steps=7"),
+    ],
+)
+def test_resume_refuses_a_length_the_checkpoint_has_reached(make_cfg, trained_ckpt, override, match):
+    with pytest.raises(GlintError, match=match):
+        train(make_cfg(override, f"ckpt_path={trained_ckpt}"))
+
+
+def test_summary_without_checkpoints_says_why(make_cfg, tmp_path, capsys):
+    train(make_cfg("++trainer.fast_dev_run=true", "test=false"))
+    out = capsys.readouterr().out
+    assert "best checkpoint: none (fast_dev_run saves no checkpoints)" in out
+    assert "last checkpoint: none (fast_dev_run saves no checkpoints)" in out
+    assert json.loads((tmp_path / "run/metrics.json").read_text())["best_checkpoint"] is None
+
+
+def test_a_network_that_breaks_the_contract_is_refused_before_training(make_cfg, tmp_path):
+    cfg = make_cfg()
+    with open_dict(cfg):
+        cfg.model = {"_target_": "torch.nn.Flatten"}  # (B, 1, H, W) -> (B, H * W)
+    with pytest.raises(GlintError, match=r"model\._target_=torch\.nn\.Flatten: returned shape \(2, 4\)"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run" / "train.lock").exists(), "the run dir's lock is released on errors"
+
+
+def test_training_longer_after_an_unfreeze_keeps_the_unfrozen_parts_group(make_cfg, tmp_path, capsys):
+    common = [*SHORT, "model.freeze=[inc]", "model.unfreeze_at_epoch=1"]
+    train(make_cfg(*common, "trainer.max_epochs=2"))
+    train(make_cfg(*common, "trainer.max_epochs=3", "ckpt_path=last"))
+    assert "schedule: cosine over 2 -> 3 epochs; continuing at epoch 2" in capsys.readouterr().out
+    groups = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
+    assert [g.get("name") for g in groups["param_groups"]] == [None, "inc"]
+
+
+def test_resume_with_another_optimizer_starts_its_state_fresh(make_cfg, tmp_path, capsys):
+    train(make_cfg(*SHORT, "trainer.max_epochs=1"))
+    capsys.readouterr()
+    train(make_cfg(*SHORT, "trainer.max_epochs=2", "optimizer=sgd", "ckpt_path=last"))
+    out, err = capsys.readouterr()
+    assert "this run's apply from epoch 1: optimizer: Adam -> SGD" in err
+    assert (
+        "schedule: cosine over 1 -> 2 epochs; continuing at epoch 1 (lr 5.0e-03); the optimizer state starts fresh "
+        "(Adam -> SGD)" in out
+    )
+    state = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
+    assert state["param_groups"][0]["momentum"] == 0.9
+    assert all(set(s) == {"momentum_buffer"} for s in state["state"].values()), "no Adam moments carried into SGD"

@@ -6,6 +6,7 @@ from glint_lightning.callbacks.images import PredictionImages
 from glint_lightning.callbacks.interrupt import CheckpointOnInterrupt
 from glint_lightning.callbacks.last_checkpoint import LastCheckpoint
 from glint_lightning.callbacks.optimizer_state import OptimizerStateCallback
+from glint_lightning.callbacks.schedule import ResumeSchedule
 
 __all__ = [
     "CheckpointOnInterrupt",
@@ -14,4 +15,5 @@ __all__ = [
     "LastCheckpoint",
     "OptimizerStateCallback",
     "PredictionImages",
+    "ResumeSchedule",
 ]

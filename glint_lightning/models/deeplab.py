@@ -10,6 +10,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from glint_lightning.models.backbones import BackboneSegmenter, Encoder
 from glint_lightning.models.common import check_norm
+from glint_lightning.models.options import ModelOptionError
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 
@@ -53,7 +54,7 @@ class DeepLabV3Plus(BackboneSegmenter):
         super().__init__()
         check_norm(norm)
         if output_stride not in ASPP_RATES:
-            raise ValueError(f"model.output_stride={output_stride}; DeepLabV3+ uses 8 or 16")
+            raise ModelOptionError(f"model.output_stride={output_stride}; DeepLabV3+ uses 8 or 16")
         self.backbone = Encoder(backbone, in_channels, output_stride)
         ch = self.backbone.channels
         self.aspp = ASPP(ch[3], list(ASPP_RATES[output_stride]), aspp_channels)

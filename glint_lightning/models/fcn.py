@@ -9,6 +9,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from glint_lightning.models.backbones import BackboneSegmenter, Encoder
 from glint_lightning.models.common import check_norm
+from glint_lightning.models.options import ModelOptionError
 
 
 def _bilinear_upsampler(channels: int) -> nn.ConvTranspose2d:
@@ -49,7 +50,7 @@ class FCN(BackboneSegmenter):
         super().__init__()
         check_norm(norm)
         if variant not in ("32s", "16s", "8s"):
-            raise ValueError(f"model.variant={variant!r}; use 32s, 16s or 8s")
+            raise ModelOptionError(f"model.variant={variant!r}; use 32s, 16s or 8s")
         self.variant = variant
         self.backbone = Encoder(backbone, in_channels, 32)
         ch = self.backbone.channels

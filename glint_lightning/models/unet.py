@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from glint_lightning.models.common import pad_to_multiple
+from glint_lightning.models.options import ModelOptionError
 from glint_lightning.models.pretrained import apply_pretrained
 
 
@@ -16,7 +17,7 @@ def _norm(kind: str, channels: int, groups: int) -> nn.Module:
         return nn.GroupNorm(min(groups, channels), channels)
     if kind == "none":
         return nn.Identity()
-    raise ValueError(f"model.norm={kind!r}; use batch, group or none")
+    raise ModelOptionError(f"model.norm={kind!r}; use batch, group or none")
 
 
 class ConvBlock(nn.Sequential):
@@ -47,7 +48,7 @@ class Up(nn.Module):
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False), nn.Conv2d(cin, cout, 1)
             )
         else:
-            raise ValueError(f"model.upsample={mode!r}; use transpose or bilinear")
+            raise ModelOptionError(f"model.upsample={mode!r}; use transpose or bilinear")
         self.conv = ConvBlock(2 * cout, cout, norm, groups, dropout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,7 @@ class UNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 1 or base_channels < 1:
-            raise ValueError(f"model.depth={depth}, model.base_channels={base_channels}: both must be >= 1")
+            raise ModelOptionError(f"model.depth={depth}, model.base_channels={base_channels}: both must be >= 1")
         widths = [base_channels * 2**i for i in range(depth + 1)]
         self.multiple = 2**depth
         self.inc = ConvBlock(in_channels, widths[0], norm, groups, dropout)
@@ -104,7 +105,7 @@ class UNet(nn.Module):
 
     def _init_weights(self, init: str) -> None:
         if init not in ("kaiming", "xavier"):
-            raise ValueError(f"model.init={init!r}; use kaiming or xavier")
+            raise ModelOptionError(f"model.init={init!r}; use kaiming or xavier")
         for m in self.modules():
             if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
                 if init == "kaiming":
