@@ -30,6 +30,11 @@ class Interrupted(GlintError):
         self.exit_code = 128 + signum
 
 
+class OptionError(GlintError, ValueError):
+    """An option outside what a component accepts (`model.init=he`, an empty `loss.terms`): one line and exit 2,
+    also from inside Hydra's instantiate, and still a ValueError for callers that catch that."""
+
+
 class TrainingDiverged(GlintError):
     """The loss became NaN or infinite: with the config as given, training cannot go on."""
 

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+from glint_lightning.errors import OptionError
+
 
 def _masked(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, ...]:
     valid = valid.bool()
@@ -87,11 +89,11 @@ class HybridLoss(nn.Module):
     def __init__(self, terms: Mapping[str, nn.Module], weights: Mapping[str, float] | None = None) -> None:
         super().__init__()
         if not terms:
-            raise ValueError("loss.terms is empty; name at least one loss, e.g. loss.terms.focal")
+            raise OptionError("loss.terms is empty; name at least one loss, e.g. loss.terms.focal")
         weights = dict(weights or {})
         unknown = set(weights) - set(terms)
         if unknown:
-            raise ValueError(f"loss.weights names {sorted(unknown)} which are not in loss.terms {sorted(terms)}")
+            raise OptionError(f"loss.weights names {sorted(unknown)} which are not in loss.terms {sorted(terms)}")
         self.terms = nn.ModuleDict(dict(terms))
         self.weights = {name: float(weights.get(name, 1.0)) for name in terms}
         self.last_terms: dict[str, torch.Tensor] = {}

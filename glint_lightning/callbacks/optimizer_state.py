@@ -34,8 +34,8 @@ class OptimizerStateCallback(L.Callback):
             return
         rank_zero_warn(
             "The checkpoint has no optimizer state (saved with callbacks.optimizer_state.save=false): restoring "
-            "weights, epoch, global step and best scores; the optimizer and LR schedule start fresh at the "
-            "configured learning rate."
+            "weights, epoch, global step and best scores; the optimizer starts fresh (no moments) and the LR "
+            "schedule continues at the resumed epoch."
         )
         self._partial_checkpoint = checkpoint
         if trainer.optimizers:  # strategies that restore after setup already have their optimizers

@@ -4,8 +4,8 @@ ValueError keep working)."""
 
 from __future__ import annotations
 
-from glint_lightning.errors import GlintError
+from glint_lightning.errors import OptionError
 
 
-class ModelOptionError(GlintError, ValueError):
+class ModelOptionError(OptionError):
     """A model option outside what the network supports; the message names the option and the choices."""
