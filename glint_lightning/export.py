@@ -1,41 +1,50 @@
-"""`python -m glint_lightning.export ckpt_path=run/checkpoints/best.ckpt format=pth|torchscript|onnx [out=...]`
+"""`glint-export ckpt_path=run/checkpoints/best.ckpt format=pth|torchscript|onnx|safetensors [out=...]`
 
-Hands a trained model to people without this framework. `pth` is the old script's dict (`model_state_dict`
-loads into the network); `torchscript` and `onnx` take depth in mm and validity, any batch size and any H, W
-(normalisation, padding and cropping are inside), and are checked against the PyTorch model after export.
+Hands a trained model to people without this framework. `pth` is the old script's dict (`model_state_dict` loads
+into the network); `safetensors` holds the network's tensors only, with a JSON sidecar saying what they belong to
+(nothing is unpickled to read it); `torchscript` and `onnx` take depth in mm and validity, any batch size and any
+H, W (normalisation, padding to the network's stride and cropping are inside). Every export is read back and
+compared with the PyTorch model. Any network that meets the contract in models/common.py exports, also a user's.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import sys
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import glint_lightning.tool_help  # noqa: F401  (${glint_options:...} in the --help template)
+from glint_lightning import __version__
 from glint_lightning.checkpoint_io import atomic_output, atomic_torch_save
-from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
-from glint_lightning.models.common import pad_to_multiple
+from glint_lightning.cli import hydra_app
+from glint_lightning.errors import GlintError
+from glint_lightning.exported import load_pth, load_safetensors
+from glint_lightning.models.common import check_network, network_stride, pad_to_multiple
+from glint_lightning.models.pretrained import sidecar_path
 from glint_lightning.module import GlintModule
 from glint_lightning.resume import load_checkpoint
 
-DEFAULTS: dict[str, Any] = {"ckpt_path": None, "format": "pth", "out": None, "check_size": [97, 131]}
-SUFFIX = {"pth": ".pth", "torchscript": ".pt", "onnx": ".onnx"}
+SUFFIX = {"pth": ".pth", "torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
+MAX_DIFF = 1e-3  # largest difference in logits from the PyTorch model an export may show
 
 
-class _Padded(nn.Module):
-    """The network's forward_padded as a module (inputs already padded to its stride)."""
+class _Logits(nn.Module):
+    """The network's plain forward, logits only (a dict's "out")."""
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_padded(x)
+        out = self.net(x)
+        return out["out"] if isinstance(out, dict) else out
 
 
 class ExportedGlintModel(nn.Module):
@@ -58,46 +67,85 @@ def _check_inputs(module: GlintModule, size: tuple[int, int]) -> tuple[torch.Ten
     return depth, torch.rand(2, 1, *size, generator=g) > 0.05
 
 
-def export_pth(ckpt: dict[str, Any], module: GlintModule, out: Path, check_size: tuple[int, int]) -> float:
-    """The seed script's checkpoint layout, plus what inference needs (normalisation, threshold, model config)."""
+def reference_logits(module: GlintModule, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The PyTorch model's logits as the contract defines them for any H, W: inputs replicate-padded to the
+    network's stride (padding commutes with the pointwise normalisation), cropped back."""
+    h, w, stride = depth.shape[-2], depth.shape[-1], network_stride(module.model)
+    padded_valid = pad_to_multiple(valid.float(), stride).bool()
+    with torch.no_grad():
+        return module(pad_to_multiple(depth, stride), padded_valid)[..., :h, :w]
+
+
+def _diff(module: GlintModule, size: tuple[int, int], run: Any) -> float:
+    """Largest |logit difference| between `run(depth, valid)` (an exported model) and the PyTorch module."""
+    depth, valid = _check_inputs(module, size)
+    with torch.no_grad():
+        got, expected = np.asarray(run(depth, valid)), reference_logits(module, depth, valid).numpy()
+    return float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+
+
+def _info(ckpt: dict[str, Any], module: GlintModule) -> dict[str, Any]:
+    """What inference needs besides the weights, and where they came from."""
     hp = ckpt["hyper_parameters"]
-    payload = {
+    return {
         "epoch": ckpt.get("epoch"),
-        "model_state_dict": module.model.state_dict(),
-        "train_args": hp.get("config") or {},
+        "global_step": ckpt.get("global_step"),
         "metrics": ckpt.get("metrics", {}),
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "model_config": hp["model"],
+        "loss_config": hp.get("loss"),
         "depth_mean": float(module.depth_mean),
         "depth_std": float(module.depth_std),
         "threshold": hp.get("threshold", 0.5),
+        "tile_size": hp.get("tile_size"),
+        "glint_lightning_version": __version__,
+    }
+
+
+def export_pth(ckpt: dict[str, Any], module: GlintModule, out: Path, check_size: tuple[int, int]) -> float:
+    """The seed script's checkpoint layout, plus what inference needs (normalisation, threshold, model config)."""
+    payload = {
+        **_info(ckpt, module),
+        "model_state_dict": module.model.state_dict(),
+        "train_args": ckpt["hyper_parameters"].get("config") or {},
     }
     if "optimizer_states" in ckpt:
         payload["optimizer_state_dict"] = ckpt["optimizer_states"][0]
     atomic_torch_save(payload, out)
-    loaded = torch.load(out, map_location="cpu", weights_only=True)
-    model_cfg = {k: v for k, v in loaded["model_config"].items() if k not in ("freeze", "unfreeze_at_epoch")}
-    net = instantiate({**model_cfg, "pretrained": None} if "pretrained" in model_cfg else model_cfg).eval()
-    net.load_state_dict(loaded["model_state_dict"])
-    x = torch.randn(1, 1, *check_size)
-    with torch.no_grad():
-        return float((net(x) - module.model.eval()(x)).abs().max())
+    loaded = load_pth(out)
+    return _diff(module, check_size, lambda d, v: reference_logits(loaded, d, v))
+
+
+def export_safetensors(ckpt: dict[str, Any], module: GlintModule, out: Path, check_size: tuple[int, int]) -> float:
+    """The network's tensors as `<out>` and what they are as `<out stem>.json`; both written or neither."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().cpu().clone().contiguous() for k, v in module.model.state_dict().items()}
+    with atomic_output(out) as tmp, atomic_output(sidecar_path(out)) as tmp_json:
+        tmp.write_bytes(save(tensors, metadata={"format": "pt"}))
+        tmp_json.write_text(json.dumps({**_info(ckpt, module), "weights": out.name}, indent=1, default=str))
+    loaded = load_safetensors(out)
+    return _diff(module, check_size, lambda d, v: reference_logits(loaded, d, v))
+
+
+def _traceable(module: GlintModule) -> tuple[nn.Module, int]:
+    """The network's logits as a module for inputs padded to its stride, and that stride."""
+    return _Logits(module.model.eval()), network_stride(module.model)
 
 
 def export_torchscript(module: GlintModule, out: Path, check_size: tuple[int, int]) -> float:
-    net = module.model.eval()
-    example = torch.randn(1, 1, 2 * net.stride, 2 * net.stride)
-    with torch.no_grad():
-        core = torch.jit.trace(_Padded(net), example)  # no shape logic inside: valid for any padded size
-    scripted = torch.jit.script(
-        ExportedGlintModel(core, int(net.stride), float(module.depth_mean), float(module.depth_std))
-    )
-    with atomic_output(out) as tmp:
-        scripted.save(str(tmp))
-    loaded = torch.jit.load(str(out))
-    depth, valid = _check_inputs(module, check_size)
-    with torch.no_grad():
-        return float((loaded(depth, valid) - module(depth, valid)).abs().max())
+    core, stride = _traceable(module)
+    size = stride * max(2, -(-32 // stride))  # padded inputs only: the trace holds no padding logic
+    mean, std = float(module.depth_mean), float(module.depth_std)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-dependent branches: checked below
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the format is what was asked
+        scripted = torch.jit.script(
+            ExportedGlintModel(torch.jit.trace(core, torch.randn(1, 1, size, size)), stride, mean, std).eval()
+        )
+        with atomic_output(out) as tmp:
+            scripted.save(str(tmp))
+        return _diff(module, check_size, torch.jit.load(str(out)))
 
 
 def export_onnx(module: GlintModule, out: Path, check_size: tuple[int, int]) -> float:
@@ -105,11 +153,12 @@ def export_onnx(module: GlintModule, out: Path, check_size: tuple[int, int]) -> 
         import onnxruntime as ort
     except ImportError:
         raise GlintError("format=onnx needs onnx, onnxscript and onnxruntime: pip install '.[export]'") from None
-    net = module.model.eval()
-    wrapper = ExportedGlintModel(_Padded(net), int(net.stride), float(module.depth_mean), float(module.depth_std))
-    depth, valid = _check_inputs(module, (2 * net.stride + 3, 2 * net.stride + 5))
+    core, stride = _traceable(module)
+    wrapper = ExportedGlintModel(core, stride, float(module.depth_mean), float(module.depth_std)).eval()
+    depth, valid = _check_inputs(module, (2 * stride + 3, 2 * stride + 5))
     dims = {0: torch.export.Dim("batch", max=4096), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
-    with atomic_output(out) as tmp:
+    with atomic_output(out) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="# The axis name")  # one batch Dim shared by both inputs
         torch.onnx.export(
             wrapper,
             (depth, valid),
@@ -118,43 +167,52 @@ def export_onnx(module: GlintModule, out: Path, check_size: tuple[int, int]) -> 
             input_names=["depth", "valid"],
             output_names=["logits"],
             dynamic_shapes=(dims, dims),
+            external_data=False,  # one file: external data would name the temporary file
             verbose=False,
         )
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    depth, valid = _check_inputs(module, check_size)
-    (logits,) = session.run(None, {"depth": depth.numpy(), "valid": valid.numpy()})
-    with torch.no_grad():
-        return float(np.abs(logits - module(depth, valid).numpy()).max())
+    return _diff(module, check_size, lambda d, v: session.run(None, {"depth": d.numpy(), "valid": v.numpy()})[0])
 
 
-def export(args: Any) -> dict[str, Any]:
-    if not args.ckpt_path:
-        raise GlintError(f"ckpt_path is not set; usage: {__doc__.strip().splitlines()[0]}")
-    if args.format not in SUFFIX:
-        raise GlintError(f"format={args.format}; use pth, torchscript or onnx")
-    ckpt_path = Path(args.ckpt_path)
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Export `cfg.ckpt_path` as `cfg.format`; refuses a network that breaks the contract before writing."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.ckpt_path:
+        raise GlintError("ckpt_path is not set; e.g. glint-export ckpt_path=run/checkpoints/best.ckpt format=onnx")
+    if cfg.format not in SUFFIX:
+        raise GlintError(f"format={cfg.format}; use {', '.join(SUFFIX)}")
+    ckpt_path = Path(cfg.ckpt_path)
     ckpt = load_checkpoint(ckpt_path)
     module = GlintModule.from_checkpoint_dict(ckpt)
-    out = Path(args.out) if args.out else ckpt_path.with_suffix(SUFFIX[args.format])
-    check_size = tuple(int(v) for v in args.check_size)
-    if args.format == "pth":
-        diff = export_pth(ckpt, module, out, check_size)
-    elif args.format == "torchscript":
-        diff = export_torchscript(module, out, check_size)
+    check_network(module.model, f"model._target_={ckpt['hyper_parameters']['model'].get('_target_')}")
+    out = Path(cfg.out) if cfg.out else ckpt_path.with_suffix(SUFFIX[cfg.format])
+    if cfg.format == "safetensors" and out.suffix != ".safetensors":
+        raise GlintError(f"out={out}: name a safetensors export <name>.safetensors (its sidecar is <name>.json)")
+    check_size = (int(cfg.check_size[0]), int(cfg.check_size[1]))
+    if cfg.format in ("pth", "safetensors"):
+        writer = export_pth if cfg.format == "pth" else export_safetensors
+        diff = writer(ckpt, module, out, check_size)
     else:
-        diff = export_onnx(module, out, check_size)
-    return {"out": str(out), "format": args.format, "max_abs_diff": diff, "check_size": check_size}
+        diff = (export_torchscript if cfg.format == "torchscript" else export_onnx)(module, out, check_size)
+    if not diff <= MAX_DIFF:
+        for written in (out, sidecar_path(out) if cfg.format == "safetensors" else out):
+            written.unlink(missing_ok=True)
+        raise GlintError(
+            f"{out}: its logits differ from PyTorch's by {diff:.2e} on a {check_size[0]}x{check_size[1]} input, so "
+            f"it was removed; the network's forward may depend on the input size in a way {cfg.format} cannot record"
+        )
+    return {"out": str(out), "format": cfg.format, "max_abs_diff": diff, "check_size": check_size}
 
 
-def main(argv: list[str]) -> None:
-    args = parse_options("export", DEFAULTS, argv)
-    r = export(args)
+@hydra_app("export")
+def main(cfg: DictConfig) -> None:
+    """glint-export: write a trained model as pth, torchscript, onnx or safetensors and check it against PyTorch."""
+    r = export(cfg)
+    sidecar = f" and {sidecar_path(r['out'])}" if r["format"] == "safetensors" else ""
     print(
-        f"wrote {r['out']} ({r['format']}); max abs diff vs PyTorch on a {r['check_size'][0]}x{r['check_size'][1]} "
-        f"input: {r['max_abs_diff']:.2e}"
+        f"wrote {r['out']}{sidecar} ({r['format']}); max abs diff vs PyTorch on a {r['check_size'][0]}x"
+        f"{r['check_size'][1]} input: {r['max_abs_diff']:.2e}"
     )
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        main(sys.argv[1:])
+    main()

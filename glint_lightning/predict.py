@@ -1,14 +1,13 @@
-"""`python -m glint_lightning.predict ckpt_path=run/checkpoints/best.ckpt input=frames.h5 output=masks.h5`
+"""`glint-predict ckpt_path=run/checkpoints/best.ckpt input=frames.h5 output=masks.h5` (options: conf/predict.yaml)
 
 Streams full depth frames of any size (an HDF5 file, or a folder of 16-bit PNG / .npy images) through the model
 (overlapping windows of the training tile size blended with a gaussian, or `mode=full`) and writes `prob`
 (float16) and `mask` (uint8) of each frame's size into an HDF5 file, or `<name>_mask.png` and
-`<name>_overlay.png` into a folder.
+`<name>_overlay.png` into a folder. `ckpt_path` may also be a `.pth` or `.safetensors` file from glint-export.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,40 +16,28 @@ from typing import Any
 import h5py
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+import glint_lightning.tool_help  # noqa: F401  (${glint_options:...} in the --help template)
 from glint_lightning.checkpoint_io import atomic_output
+from glint_lightning.cli import hydra_app
 from glint_lightning.data.h5 import depth_and_validity
-from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
+from glint_lightning.errors import GlintError
+from glint_lightning.exported import load_module
 from glint_lightning.inference import FramePredictor
 from glint_lightning.module import GlintModule
 
-DEFAULTS: dict[str, Any] = {
-    "ckpt_path": None,  # required: a .ckpt from glint_lightning.train
-    "input": None,  # required: HDF5 file with frames (N, H, W) or (N, 1, H, W)
-    "output": None,  # required: HDF5 file to write prob and mask into
-    "key": "frames",  # dataset of depth frames in `input`
-    "valid_key": None,  # optional dataset of valid pixels; else depth 0/NaN is invalid
-    "scale": None,  # mm per stored unit; null = the dataset's `scale` attribute, else 1
-    "window": None,  # window size (int or [h, w]); null = the checkpoint's training tile size
-    "overlap": 0.5,
-    "sigma": 0.125,  # gaussian sigma as a share of the window
-    "batch_size": 16,
-    "mode": "window",  # window | full (one forward pass per frame, padded to the model's stride)
-    "threshold": None,  # null = the checkpoint's threshold
-    "device": "auto",  # auto | cpu | cuda
-    "precision": "32",  # 32 | bf16 | 16
-    "overwrite": False,
-    "overlays": None,  # folder for <frame>_overlay.png (depth in grey, glints red); folder inputs write them anyway
-}
+REQUIRED = ("ckpt_path", "input", "output")
+EXAMPLE = "glint-predict ckpt_path=run/checkpoints/best.ckpt input=frames.h5 output=masks.h5"
 
 
 def _window(value: Any, module: GlintModule) -> tuple[int, int]:
     if value is None:
         value = module.hparams.get("tile_size")
         if not value:
-            raise GlintError("window is not set and the checkpoint records no tile size; pass window=256")
+            raise GlintError("window is not set and the model file records no tile size; pass window=256")
     size = (int(value), int(value)) if isinstance(value, int | float) else tuple(int(v) for v in value)
     if len(size) != 2 or min(size) < 8:
         raise GlintError(f"window={value}; pass one size or [h, w], at least 8 px")
@@ -92,22 +79,22 @@ def _folder_frames(src: Path, scale: float) -> tuple[int, Iterator[tuple[str, np
     return len(files), gen()
 
 
-def predict_file(args: Any) -> dict[str, Any]:
+def predict_file(args: DictConfig) -> dict[str, Any]:
     """Predict every frame of args.input (HDF5 file or image folder) into args.output (HDF5 file or folder).
 
     An HDF5 output is written to a temporary file and renamed at the end; an existing output is never replaced
     unless overwrite=true.
     """
-    for name in ("ckpt_path", "input", "output"):
-        if not args[name]:
-            raise GlintError(f"{name} is not set; usage: {__doc__.strip().splitlines()[0]}")
+    for name in REQUIRED:
+        if OmegaConf.is_missing(args, name) or not args[name]:
+            raise GlintError(f"{name} is not set; e.g. {EXAMPLE}")
     src, out = Path(args.input), Path(args.output)
     if not src.exists():
         raise GlintError(f"{src}: no such file or folder; pass input=<frames.h5 or a folder of depth images>")
     if out.exists() and not args.overwrite:
         raise GlintError(f"{out} exists; pass another output= or overwrite=true")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    module = GlintModule.from_checkpoint(args.ckpt_path, map_location=device)
+    module = load_module(args.ckpt_path, map_location=device)
     threshold = float(module.hparams.threshold if args.threshold is None else args.threshold)
     window = _window(args.window, module)
     predictor = FramePredictor(module, window, args.overlap, args.batch_size, args.sigma, args.mode, args.precision)
@@ -160,9 +147,10 @@ def predict_file(args: Any) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> None:
-    args = parse_options("predict", DEFAULTS, argv)
-    r = predict_file(args)
+@hydra_app("predict")
+def main(cfg: DictConfig) -> None:
+    """glint-predict: glint probabilities and masks for full depth frames of any size."""
+    r = predict_file(cfg)
     what = "PNG masks and overlays" if Path(r["output"]).is_dir() else "prob (float16) and mask (uint8)"
     print(
         f"wrote {r['output']}: {what} for {r['frames']} frame(s) of {r['size'][0]}x"
@@ -172,5 +160,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        main(sys.argv[1:])
+    main()

@@ -3,11 +3,13 @@
 import h5py
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
+from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.data.check import check_file, index_ranges
-from glint_lightning.data.convert import DEFAULTS, convert
+from glint_lightning.data.convert import convert
 from glint_lightning.data.demo import synth_tile
 from glint_lightning.errors import GlintError
 from glint_lightning.train import train
@@ -79,7 +81,9 @@ def _recordings(path, n=8, h=80, w=100, seed=0):
 
 
 def _args(**kw):
-    return OmegaConf.create({**DEFAULTS, **kw})
+    """conf/convert.yaml with `kw` set (a key it does not have is an error, as on the command line)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return OmegaConf.merge(compose("convert"), kw)
 
 
 def test_convert_check_train_round_trip(tmp_path, make_cfg):
@@ -96,6 +100,8 @@ def test_convert_check_train_round_trip(tmp_path, make_cfg):
     )
     assert res.returncode == 0, res.stderr
     assert "train: tiles_train.h5 (" in res.stdout
+    written = {"rec.h5", "tiles_train.h5", "tiles_val.h5", "tiles_test.h5"}
+    assert {p.name for p in tmp_path.iterdir()} == written, "only the split files: no outputs/, .hydra or log"
     seen = {}
     for split in ("train", "val", "test"):
         path = tmp_path / f"tiles_{split}.h5"
@@ -165,3 +171,5 @@ def test_convert_bad_input(tmp_path):
         convert(_args(src=str(tmp_path / "nope.h5"), out=str(tmp_path / "t.h5")))
     with pytest.raises(GlintError, match=r"no dataset 'depth' \(found \['frames', 'masks'\]\)"):
         convert(_args(src=str(tmp_path / "rec.h5"), out=str(tmp_path / "t.h5"), frames_key="depth"))
+    with pytest.raises(GlintError, match="src is not set; e.g. glint-convert src="):
+        convert(_args(out=str(tmp_path / "t.h5")))

@@ -62,3 +62,4 @@ def test_make_demo_cli(tmp_path):
     bad = run_cli("glint_lightning.data.make_demo", f"out={out}", "n_tiles=6", cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error:") and "n_tiles" in bad.stderr and "Traceback" not in bad.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"], "no outputs/, .hydra or log file in the cwd"

@@ -1,4 +1,4 @@
-"""`python -m glint_lightning.data.convert src=recordings.h5 out=tiles.h5 tile=256 stride=256`
+"""`glint-convert src=recordings.h5 out=tiles.h5 tile=256 stride=256` (options: conf/convert.yaml)
 
 Cuts full frames (with masks) into tiles, one tile per HDF5 chunk (lzf by default), keeping every tile with a
 glint and a share `keep_empty` of the others, and splits by frame into `<out>_train.h5`, `<out>_val.h5` and
@@ -10,7 +10,6 @@ Sources: an HDF5 file with `frames` and `masks` (N, H, W) (and optional `valid`)
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,27 +17,16 @@ from typing import Any
 
 import h5py
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+import glint_lightning.tool_help  # noqa: F401  (${glint_options:...} in the --help template)
 from glint_lightning.checkpoint_io import atomic_output
+from glint_lightning.cli import hydra_app
 from glint_lightning.data.h5 import depth_and_validity
-from glint_lightning.errors import GlintError, exit_on_user_error, parse_options
+from glint_lightning.errors import GlintError
 from glint_lightning.inference import window_starts
 
-DEFAULTS: dict[str, Any] = {
-    "src": None,  # HDF5 file (frames, masks[, valid]) or folder (depth/, mask/)
-    "out": None,  # output path; split files get _train/_val/_test before the suffix
-    "tile": 256,
-    "stride": None,  # null = tile (no overlap)
-    "keep_empty": 0.2,  # share of glint-free tiles kept
-    "split": [0.8, 0.1, 0.1],  # train/val/test shares of the frames
-    "seed": 0,
-    "compression": "lzf",  # lzf | gzip | none
-    "frames_key": "frames",
-    "masks_key": "masks",
-    "valid_key": "valid",
-    "scale": None,  # mm per stored unit; null = the frames' `scale` attribute, else 1
-}
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".npy", ".tif", ".tiff")
 
@@ -104,10 +92,11 @@ def split_of_frames(n: int, shares: list[float], seed: int) -> np.ndarray:
     return which
 
 
-def convert(args: Any) -> dict[str, Any]:
+def convert(args: DictConfig) -> dict[str, Any]:
+    """Tile and split `args.src` into `args.out` (options: conf/convert.yaml); returns paths and counts."""
     for name in ("src", "out"):
-        if not args[name]:
-            raise GlintError(f"{name} is not set; usage: {__doc__.strip().splitlines()[0]}")
+        if OmegaConf.is_missing(args, name) or not args[name]:
+            raise GlintError(f"{name} is not set; e.g. glint-convert src=recordings.h5 out=tiles.h5 tile=256")
     tile, stride = int(args.tile), int(args.stride or args.tile)
     if tile < 8 or stride < 1:
         raise GlintError(f"tile={tile}, stride={stride}: use tile >= 8 and stride >= 1")
@@ -163,13 +152,13 @@ def convert(args: Any) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str]) -> None:
-    args = parse_options("convert", DEFAULTS, argv)
-    result = convert(args)
+@hydra_app("convert")
+def main(cfg: DictConfig) -> None:
+    """glint-convert: full frames with masks -> train/val/test tile files."""
+    result = convert(cfg)
     for s in SPLITS:
         print(f"{s}: {result['paths'][s]} ({result['tiles'][s]} tiles from {result['frames_per_split'][s]} frames)")
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        main(sys.argv[1:])
+    main()

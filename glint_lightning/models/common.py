@@ -1,4 +1,10 @@
-"""Small pieces the networks share."""
+"""Small pieces the networks share, and the contract every network (ours or a user's `_target_`) meets.
+
+The contract: a network is an `nn.Module` whose `forward` maps normalised depth (B, 1, H, W) to glint logits
+(B, 1, H, W), or to a dict whose "out" holds them (an auxiliary head may add "aux" in training mode). It may declare
+`stride` (a positive int, default 1): then H and W must be multiples of it, and the framework's export pads to it.
+Nothing else is required (no `forward_padded`); `check_network` tests it on a tiny input.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,58 @@ import torch.nn.functional as F
 from torch import nn
 
 from glint_lightning.errors import GlintError
+
+
+def _declared_stride(net: nn.Module) -> int | None:
+    """`net.stride` as an int (1 when absent; torch layers' (s, s) as s), or None when it is not a positive int."""
+    stride = getattr(net, "stride", 1)
+    if isinstance(stride, tuple) and len(set(stride)) == 1:  # a bare torch layer as the network, e.g. Conv2d
+        stride = stride[0]
+    return stride if isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1 else None
+
+
+def network_stride(net: nn.Module) -> int:
+    """The network's declared `stride` (1 when it declares none): input sizes must be multiples of it."""
+    return _declared_stride(net) or 1
+
+
+def check_network(net: nn.Module, source: str) -> None:
+    """Refuse, with one line naming `source` (e.g. "model._target_=mylab.Net"), a network that breaks the contract:
+    a `stride` that is not a positive int, or not (B, 1, H, W) logits from a probe of size 2 x stride."""
+    stride = _declared_stride(net)
+    if stride is None:
+        raise GlintError(
+            f"{source}: stride={getattr(net, 'stride', None)!r}; a network's stride must be a positive int (or left "
+            "out: 1)"
+        )
+    first = next(net.parameters(), None)
+    probe = torch.zeros(2, 1, 2 * stride, 2 * stride, device=first.device if first is not None else "cpu")
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            out = net.eval()(probe)
+    except Exception as err:  # the user's forward: any failure is the same finding
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise GlintError(
+            f"{source}: forward failed on a (2, 1, {2 * stride}, {2 * stride}) input ({type(err).__name__}: "
+            f"{first_line}); a network maps (B, 1, H, W) depth to (B, 1, H, W) logits for H, W multiples of its "
+            "stride"
+        ) from None
+    finally:
+        net.train(was_training)
+    logits = out.get("out") if isinstance(out, dict) else out
+    if not isinstance(logits, torch.Tensor):
+        got = "a dict without 'out'" if isinstance(out, dict) else f"a {type(out).__name__}"
+    elif tuple(logits.shape) != tuple(probe.shape):
+        got = f"shape {tuple(logits.shape)}"
+    elif not logits.is_floating_point():
+        got = f"{logits.dtype} values"
+    else:
+        return
+    raise GlintError(
+        f"{source}: returned {got} for a (2, 1, {2 * stride}, {2 * stride}) input; a network returns (B, 1, H, W) "
+        "float logits (or a dict with them under 'out')"
+    )
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:

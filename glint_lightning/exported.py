@@ -1,0 +1,74 @@
+"""What `glint-export` writes, read back as a GlintModule: `.safetensors` with its JSON sidecar (no unpickler runs at
+all) and `.pth` (weights_only), besides Lightning `.ckpt` files, so a tool that takes a checkpoint takes them too.
+Every `_target_` they name is checked against the trusted prefixes before anything is built."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from glint_lightning.errors import GlintError
+from glint_lightning.models.pretrained import read_safetensors, read_sidecar
+from glint_lightning.module import GlintModule
+from glint_lightning.trust import check_stored_config, check_targets
+
+DEFAULT_LOSS = {"_target_": "glint_lightning.losses.BCELoss"}  # only for exports that record no loss
+
+
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> GlintModule:
+    """A .ckpt, an exported .pth or a .safetensors (+ .json) file as a GlintModule in eval mode."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GlintError(f"{path}: no such file; pass a .ckpt, or a .pth/.safetensors file from glint-export")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path).to(map_location)
+    if path.suffix == ".pth":
+        return load_pth(path).to(map_location)
+    return GlintModule.from_checkpoint(str(path), map_location)
+
+
+def load_safetensors(path: Path) -> GlintModule:
+    """A `glint-export format=safetensors` file and its sidecar; no unpickler runs."""
+    meta = read_sidecar(path, required=True)
+    return module_from_export(meta, read_safetensors(path), str(path))
+
+
+def load_pth(path: Path) -> GlintModule:
+    """A `glint-export format=pth` file, loaded with weights_only=True."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as err:
+        raise GlintError(f"{path}: not a file torch.load(weights_only=True) accepts ({err})") from None
+    if not isinstance(payload, dict) or not {"model_config", "model_state_dict"} <= set(payload):
+        raise GlintError(f"{path}: no model_config and model_state_dict; pass a .pth written by glint-export")
+    check_stored_config(payload, str(path))
+    check_targets({"loss_config": payload.get("loss_config") or {}}, str(path))
+    return module_from_export(payload, payload["model_state_dict"], str(path))
+
+
+def module_from_export(meta: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> GlintModule:
+    """Build the network its (already trusted) model config names, load `state` exactly, set the depth statistics,
+    threshold and tile size the export recorded."""
+    model = {k: v for k, v in meta["model_config"].items() if k not in ("freeze", "unfreeze_at_epoch")}
+    if "pretrained" in model:
+        model["pretrained"] = None  # the exported tensors replace them
+    module = GlintModule(
+        model=model,
+        loss=meta.get("loss_config") or DEFAULT_LOSS,
+        optimizer={},  # not for training: no optimizer was exported
+        threshold=float(meta.get("threshold", 0.5)),
+        tile_size=meta.get("tile_size"),
+    )
+    try:
+        module.model.load_state_dict(state)
+    except RuntimeError as err:
+        raise GlintError(
+            f"{source}: its tensors do not fit {model.get('_target_')} ({str(err).splitlines()[0]}); "
+            "export the checkpoint again"
+        ) from None
+    module.set_depth_stats(float(meta["depth_mean"]), float(meta["depth_std"]))
+    return module.eval()

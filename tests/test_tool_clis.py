@@ -1,0 +1,76 @@
+"""predict, export, convert and make_demo as Hydra apps: `--help` names every option, a typo'd key is one line,
+`--cfg job` prints the config, and neither a run nor a `-m` sweep leaves anything in the working directory."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from glint_lightning.config_dir import CONFIG_DIR
+from tests.conftest import run_cli
+
+TOOLS = {  # module: (config name, console script)
+    "glint_lightning.predict": ("predict", "glint-predict"),
+    "glint_lightning.export": ("export", "glint-export"),
+    "glint_lightning.data.convert": ("convert", "glint-convert"),
+    "glint_lightning.data.make_demo": ("make_demo", "glint-make-demo"),
+}
+
+
+def _options(config: str) -> list[str]:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return list(compose(config))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", TOOLS)
+def test_help_names_every_option_and_a_typo_is_one_line(module, tmp_path):
+    config, script = TOOLS[module]
+    res = run_cli(module, "--help", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith(f"{script}: ") and f"Example:\n  {script} " in res.stdout
+    for key in _options(config):
+        assert f"\n  {key}: " in res.stdout, f"--help does not name {key}"
+    assert "${glint_options" not in res.stdout and "Powered by Hydra" not in res.stdout
+    typo = run_cli(module, "sed=1", cwd=tmp_path)
+    assert typo.returncode == 2 and typo.stderr.count("\n") == 1, typo.stderr
+    assert typo.stderr.startswith("error: Could not override 'sed'")
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_console_script_runs(tmp_path):
+    script = Path(sys.executable).parent / "glint-make-demo"
+    if not script.is_file():
+        script = shutil.which("glint-make-demo")
+    if script is None:
+        pytest.skip("glint-make-demo is not installed")
+    res = subprocess.run([str(script), "out=demo", "n_train=2", "n_val=0", "n_test=0", "tile=16", "--cfg", "job"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "out: demo\nn_train: 2\nn_val: 0\n" in res.stdout and not list(tmp_path.iterdir())
+    res = subprocess.run([str(script), "out=demo", "n_train=2", "n_val=0", "n_test=0", "tile=16"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0 and res.stdout == "train: demo/train.h5\n", res.stderr[-2000:]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+@pytest.mark.slow
+def test_a_run_and_a_sweep_leave_only_their_outputs_in_the_cwd(trained_ckpt, tmp_path):
+    with h5py.File(tmp_path / "frames.h5", "w") as f:
+        f["frames"] = np.random.default_rng(0).uniform(600, 1400, (1, 40, 50)).astype(np.float32)
+    args = [f"ckpt_path={trained_ckpt}", "input=frames.h5"]
+    res = run_cli("glint_lightning.predict", *args, "output=one.h5", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames.h5", "one.h5"]
+    sweep = run_cli("glint_lightning.predict", "-m", *args, "threshold=0.3,0.5", "output=out_${threshold}.h5",
+                    cwd=tmp_path)  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames.h5", "one.h5", "out_0.3.h5", "out_0.5.h5"]
+    with h5py.File(tmp_path / "out_0.3.h5") as low, h5py.File(tmp_path / "out_0.5.h5") as high:
+        assert low.attrs["threshold"] == 0.3 and high.attrs["threshold"] == 0.5
+        assert low["mask"][:].sum() >= high["mask"][:].sum()
