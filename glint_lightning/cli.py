@@ -18,11 +18,14 @@ from omegaconf import DictConfig
 
 from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.errors import EXIT_USER_ERROR, exit_on_user_error
+from glint_lightning.tool_help import register_help_resolver
 from glint_lightning.trust import trust
 
 
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
     """Decorate `task(cfg)`; the result is the console script (`main()`, arguments from sys.argv)."""
+
+    register_help_resolver()
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         stderr = _HeldBack(sys.stderr)

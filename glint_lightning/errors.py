@@ -6,9 +6,6 @@ import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
 
 EXIT_USER_ERROR = 2
 
@@ -66,12 +63,3 @@ def exit_on_user_error(in_sweep: bool = False) -> Iterator[None]:
         if in_sweep and not isinstance(err, Interrupted):
             raise err from None
         raise SystemExit(err.exit_code) from None
-
-
-def parse_options(command: str, defaults: dict[str, Any], argv: list[str]) -> DictConfig:
-    """`key=value` arguments over `defaults` (Hydra's syntax); an unknown key is a user error naming the valid ones."""
-    args = OmegaConf.merge(defaults, OmegaConf.from_dotlist(argv))
-    unknown = set(args) - set(defaults)
-    if unknown:
-        raise GlintError(f"{command}: unknown option(s) {sorted(unknown)}; valid options are {sorted(defaults)}")
-    return args

@@ -24,7 +24,6 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
-import glint_lightning.tool_help  # noqa: F401  (${glint_options:...} in the --help template)
 from glint_lightning.cli import hydra_app
 from glint_lightning.data import GlintDataModule
 from glint_lightning.errors import GlintError

@@ -20,7 +20,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import glint_lightning.tool_help  # noqa: F401  (${glint_options:...} in the --help template)
 from glint_lightning import __version__
 from glint_lightning.checkpoint_io import atomic_output, atomic_torch_save
 from glint_lightning.cli import hydra_app
@@ -68,12 +67,9 @@ def _check_inputs(module: GlintModule, size: tuple[int, int]) -> tuple[torch.Ten
 
 
 def reference_logits(module: GlintModule, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """The PyTorch model's logits as the contract defines them for any H, W: inputs replicate-padded to the
-    network's stride (padding commutes with the pointwise normalisation), cropped back."""
-    h, w, stride = depth.shape[-2], depth.shape[-1], network_stride(module.model)
-    padded_valid = pad_to_multiple(valid.float(), stride).bool()
+    """The PyTorch model's logits (the module pads to the network's stride and crops back itself)."""
     with torch.no_grad():
-        return module(pad_to_multiple(depth, stride), padded_valid)[..., :h, :w]
+        return module(depth, valid)
 
 
 def _diff(module: GlintModule, size: tuple[int, int], run: Any) -> float:

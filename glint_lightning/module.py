@@ -18,7 +18,7 @@ from glint_lightning import __version__
 from glint_lightning.callbacks.finetuning import FreezeParts
 from glint_lightning.errors import TrainingDiverged
 from glint_lightning.metrics import OBJECT_METRICS, ObjectMetric, pixel_metrics
-from glint_lightning.models.common import model_part
+from glint_lightning.models.common import crop, model_part, network_stride, pad_to_multiple
 from glint_lightning.resume import load_checkpoint
 from glint_lightning.seeding import STREAM_DROPOUT, derive_seed
 
@@ -118,8 +118,11 @@ class GlintModule(L.LightningModule):
         return module.to(map_location).eval()
 
     def _network(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Normalise, zero invalid pixels, pad to the network's stride (any tile or frame size works for any network
+        that meets the contract in models/common.py), run, crop back."""
         x = (depth - self.depth_mean) / self.depth_std
-        return self.model(torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device)))
+        x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return crop(self.model(pad_to_multiple(x, network_stride(self.model))), x.shape[-2:])
 
     def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Depth in mm (B, 1, H, W) and validity -> logits (B, 1, H, W); invalid pixels enter as 0."""

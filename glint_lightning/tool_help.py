@@ -20,5 +20,7 @@ def options_help(config_name: str) -> str:
     return "\n".join("  " + line.replace("$", "$$") for line in text.splitlines() if _OPTION.match(line))
 
 
-if not OmegaConf.has_resolver("glint_options"):
-    OmegaConf.register_new_resolver("glint_options", options_help)
+def register_help_resolver() -> None:
+    """Make `${glint_options:<config name>}` available to the help templates (hydra_app calls it)."""
+    if not OmegaConf.has_resolver("glint_options"):
+        OmegaConf.register_new_resolver("glint_options", options_help)

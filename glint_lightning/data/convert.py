@@ -20,7 +20,6 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-import glint_lightning.tool_help  # noqa: F401  (${glint_options:...} in the --help template)
 from glint_lightning.checkpoint_io import atomic_output
 from glint_lightning.cli import hydra_app
 from glint_lightning.data.h5 import depth_and_validity

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-import glint_lightning.tool_help  # noqa: F401  (${glint_options:...} in the --help template)
 from glint_lightning.cli import hydra_app
 from glint_lightning.data.demo import make_demo
 from glint_lightning.errors import GlintError
