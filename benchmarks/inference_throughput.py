@@ -1,5 +1,6 @@
 """Full-frame prediction in megapixels/s: FramePredictor's batched sliding window (Gaussian blending) and its
-single-pass `full` mode, against a naive loop that runs one window at a time and averages overlaps.
+single-pass `full` mode (each with the network in channels_last, as FramePredictor runs it, and as loaded),
+against a naive loop that runs one window at a time and averages overlaps. (MONAI: benchmarks/predict_vs_monai.py.)
 
     python -m benchmarks.inference_throughput [--frame 512 640] [--window 64] [--overlap 0.5] [--rounds 3]
 """
@@ -7,11 +8,13 @@ single-pass `full` mode, against a naive loop that runs one window at a time and
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
 from benchmarks.common import Stopwatch, config, median_rate
-from glint_lightning.inference import FramePredictor, window_starts
+from glint_lightning.inference import FramePredictor
+from glint_lightning.tiling import window_starts
 from glint_lightning.train import build_module
 
 
@@ -44,8 +47,13 @@ def main() -> None:
         return mp, watch.seconds
 
     window = (args.window, args.window)
+    loaded = copy.deepcopy(module)  # stays as loaded: FramePredictor switches `module` to channels_last
     runs = {
-        "naive, one window at a time": lambda: naive(module, depth, valid, args.window, args.overlap),
+        "naive, one window at a time": lambda: naive(loaded, depth, valid, args.window, args.overlap),
+        "FramePredictor window (batch 16), as loaded": FramePredictor(
+            loaded, window, args.overlap, 16, channels_last=False
+        ),
+        "FramePredictor full frame, as loaded": FramePredictor(loaded, window, mode="full", channels_last=False),
         "FramePredictor window (batch 16)": FramePredictor(module, window, args.overlap, batch_size=16),
         "FramePredictor full frame": FramePredictor(module, window, mode="full"),
     }
@@ -58,7 +66,7 @@ def main() -> None:
         call = fn if name.startswith("naive") else (lambda fn=fn: fn(depth, valid))
         rate = median_rate(lambda call=call: timed(call), args.rounds)
         base = base or rate
-        print(f"  {name:34s} {rate:7.3f} MP/s  {rate / base:6.2f}x")
+        print(f"  {name:45s} {rate:7.3f} MP/s  {rate / base:6.2f}x")
 
 
 if __name__ == "__main__":
