@@ -166,9 +166,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module.set_threshold(float(cfg.threshold))
     threshold = float(module.hparams.threshold)
     module.set_test_label(cfg.split)
+    module.set_test_tta(cfg.tta)
     module.test_objects.iou_threshold = float(cfg.iou_threshold)
     file, tiles, scored = _tiles(datamodule, cfg.split)
-    result.update({"file": file, "tiles": tiles, "threshold": threshold, "iou_threshold": cfg.iou_threshold})
+    result.update(
+        {"file": file, "tiles": tiles, "threshold": threshold, "iou_threshold": cfg.iou_threshold, "tta": cfg.tta}
+    )
 
     curve = CurveCollector(module.hparams.ap_bins or 200)
     with quiet_lightning():
@@ -197,6 +200,7 @@ def print_result(result: dict[str, Any]) -> None:
         print(f"calibrated: threshold {c['threshold']:.4f} maximises val F1 ({c['val_f1']:.4f}) on {c['file']}")
     print(f"scored:     {result['split']} split, {result['scored']}")
     print(f"threshold:  {result['threshold']:.4f} (pixels); glints match at IoU >= {result['iou_threshold']}")
+    print(f"tta:        {result['tta']}")
     metrics = {k: v for k, v in result.items() if k.startswith(f"{result['split']}/")}
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():

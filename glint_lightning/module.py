@@ -21,6 +21,7 @@ from glint_lightning.metrics import OBJECT_METRICS, ObjectMetric, pixel_metrics
 from glint_lightning.models.common import crop, model_part, network_stride, pad_to_multiple
 from glint_lightning.resume import load_checkpoint
 from glint_lightning.seeding import STREAM_DROPOUT, derive_seed
+from glint_lightning.tiling import tta_transforms, with_tta
 
 # Keys of the model config that say where the initial weights came from, not what the network is: a checkpoint
 # whose stored values differ still resumes (its own weights replace them anyway).
@@ -156,10 +157,21 @@ class GlintModule(L.LightningModule):
                 f"(now {lr}) or set trainer.gradient_clip_val=1.0"
             )
 
+    def set_test_tta(self, name: str) -> None:
+        """Score the test loop with test-time augmentation: probabilities averaged over flips (and 90-degree turns
+        for d4); validation during training never uses it."""
+        tta_transforms(name)  # refuses an unknown name
+        self.test_tta = name
+
     def _evaluate(
         self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection
     ) -> dict[str, torch.Tensor]:
-        logits = self(batch["depth"], batch["valid"])
+        tta = getattr(self, "test_tta", "none") if stage != "val" else "none"
+        if tta == "none":
+            logits = self(batch["depth"], batch["valid"])
+        else:  # the loss and the metrics see the averaged probability (as logits)
+            prob = with_tta(lambda d, v: torch.sigmoid(self(d, v)), batch["depth"], batch["valid"], tta, batched=True)
+            logits = torch.logit(prob, eps=1e-6)
         loss = self.loss_fn(logits, batch["mask"], batch["valid"])
         self.log(
             f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=logits.shape[0], sync_dist=True

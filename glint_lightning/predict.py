@@ -96,7 +96,9 @@ def predict_file(args: DictConfig) -> dict[str, Any]:
     module = load_module(args.ckpt_path, map_location=device)
     threshold = float(module.hparams.threshold if args.threshold is None else args.threshold)
     window = _window(args.window, module)
-    predictor = FramePredictor(module, window, args.overlap, args.batch_size, args.sigma, args.mode, args.precision)
+    predictor = FramePredictor(
+        module, window, args.overlap, args.batch_size, args.sigma, args.mode, args.precision, tta=args.tta
+    )
     overlays = Path(args.overlays) if args.overlays else (out if src.is_dir() else None)
     if overlays is not None:
         overlays.mkdir(parents=True, exist_ok=True)

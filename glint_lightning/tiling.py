@@ -14,6 +14,8 @@ from functools import lru_cache
 
 import torch
 
+from glint_lightning.errors import OptionError
+
 TTA_MODES = ("none", "flip", "d4")
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -37,9 +39,9 @@ def window_starts(length: int, window: int, overlap: float, stride: int = 1) -> 
     With stride 1 the padded length is the frame's (or the window, when the frame is smaller).
     """
     if window < 1 or stride < 1 or window % stride:
-        raise ValueError(f"window={window}, stride={stride}: the window must be a positive multiple of the stride")
+        raise OptionError(f"window={window}, stride={stride}: the window must be a positive multiple of the stride")
     if not 0 <= overlap < 1:
-        raise ValueError(f"overlap={overlap}; use a value in [0, 1)")
+        raise OptionError(f"overlap={overlap}; use a value in [0, 1)")
     span = (padded_length(length, window, stride) - window) // stride  # last start, in strides
     if span == 0:
         return [0]
@@ -85,9 +87,9 @@ def tta_transforms(name: str, square: bool = True) -> list[tuple[Transform, Tran
     both flips; d4 = those and the four transposing ones (90/270-degree rotations, with and without a flip), which
     swap H and W: so only for square inputs (`square=False` refuses it) or a network that takes any size."""
     if name not in TTA_MODES:
-        raise ValueError(f"tta={name!r}; use none, flip or d4")
+        raise OptionError(f"tta={name!r}; use none, flip or d4")
     if name == "d4" and not square:
-        raise ValueError("tta=d4 rotates by 90 degrees, which needs a square window; use tta=flip or mode=full")
+        raise OptionError("tta=d4 rotates by 90 degrees, which needs a square window; use tta=flip or mode=full")
     if name == "none":
         return [_d4(0, False)]
     flips = [_d4(0, False), _d4(0, True), _d4(2, True), _d4(2, False)]  # identity, left-right, up-down, both

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.data import GlintDataModule
+from glint_lightning.errors import GlintError
 from glint_lightning.eval import build_data, evaluate
 from glint_lightning.evaluation import calibrate_threshold, predictions
 from glint_lightning.metrics import ObjectMetric, match_components
@@ -218,3 +219,27 @@ def test_eval_command_line(tmp_path, trained_ckpt, cache_dir):
     assert (tmp_path / "copy" / "eval" / "second-val" / "metrics.json").is_file()
     assert (trained_ckpt.parent.parent / "eval" / f"{trained_ckpt.stem}-val" / "pr_curve.png").is_file()
     assert list(cwd.iterdir()) == []
+
+
+def test_eval_with_tta_scores_the_averaged_probabilities(trained_ckpt, tmp_path):
+    """tta=flip: the metrics are those of the mean of the four flipped predictions, and the output says so."""
+    plain = evaluate(_eval_cfg(f"ckpt_path={trained_ckpt}", f"out={tmp_path / 'plain'}"))
+    flip = evaluate(_eval_cfg(f"ckpt_path={trained_ckpt}", "tta=flip", f"out={tmp_path / 'flip'}"))
+    assert plain["tta"] == "none" and flip["tta"] == "flip" and flip["tiles"] == plain["tiles"]
+    assert flip["test/loss"] != pytest.approx(plain["test/loss"], abs=1e-6)
+
+    ckpt = load_checkpoint(trained_ckpt)
+    module = GlintModule.from_checkpoint_dict(ckpt)
+    datamodule = build_data(ckpt["hyper_parameters"]["config"], {}, "test")
+    losses = []
+    with torch.no_grad():
+        for batch in datamodule.eval_loader("test"):
+            d, v = batch["depth"], batch["valid"]
+            flips = [(), (-1,), (-2,), (-2, -1)]
+            prob = sum(torch.sigmoid(module(d.flip(f), v.flip(f))).flip(f) if f else torch.sigmoid(module(d, v))
+                       for f in flips) / 4  # fmt: skip
+            losses.append((float(module.loss_fn(torch.logit(prob, eps=1e-6), batch["mask"], v)), len(d)))
+    expected = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+    assert flip["test/loss"] == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(GlintError, match="tta='spin'"):
+        evaluate(_eval_cfg(f"ckpt_path={trained_ckpt}", "tta=spin", f"out={tmp_path / 'bad'}"))

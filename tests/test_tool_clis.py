@@ -74,3 +74,24 @@ def test_a_run_and_a_sweep_leave_only_their_outputs_in_the_cwd(trained_ckpt, tmp
     with h5py.File(tmp_path / "out_0.3.h5") as low, h5py.File(tmp_path / "out_0.5.h5") as high:
         assert low.attrs["threshold"] == 0.3 and high.attrs["threshold"] == 0.5
         assert low["mask"][:].sum() >= high["mask"][:].sum()
+
+
+@pytest.mark.slow
+def test_predict_with_tta_averages_flipped_predictions(trained_ckpt, tmp_path):
+    """tta=flip in predict: the written probabilities are the mean of the four flipped frames' predictions."""
+    frame = np.random.default_rng(1).uniform(600, 1400, (1, 48, 48)).astype(np.float32)
+    with h5py.File(tmp_path / "frames.h5", "w") as f:
+        f["frames"] = frame
+    probs = {}
+    for tta, source in (("none", frame), ("none", frame[:, :, ::-1]), ("flip", frame)):
+        with h5py.File(tmp_path / "in.h5", "w") as f:
+            f["frames"] = np.ascontiguousarray(source)
+        out = f"{tta}_{len(probs)}.h5"
+        res = run_cli("glint_lightning.predict", f"ckpt_path={trained_ckpt}", "input=in.h5", f"output={out}",
+                      "mode=full", f"tta={tta}", cwd=tmp_path)  # fmt: skip
+        assert res.returncode == 0, res.stderr[-2000:]
+        with h5py.File(tmp_path / out) as f:
+            probs[len(probs)] = f["prob"][0].astype(np.float32)
+    plain, mirrored, flip = probs[0], probs[1][:, ::-1], probs[2]
+    assert np.abs(flip - plain).mean() > 1e-4, "TTA changes the output"
+    assert np.abs(flip - (plain + mirrored) / 2).mean() < np.abs(flip - plain).mean(), "it averages flipped passes"

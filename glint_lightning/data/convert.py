@@ -24,7 +24,7 @@ from glint_lightning.checkpoint_io import atomic_output
 from glint_lightning.cli import hydra_app
 from glint_lightning.data.h5 import depth_and_validity
 from glint_lightning.errors import GlintError
-from glint_lightning.inference import window_starts
+from glint_lightning.tiling import window_starts
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".npy", ".tif", ".tiff")

@@ -18,6 +18,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from glint_lightning.errors import OptionError
+
 SPLITS = ("train", "val", "test")
 GENERATOR_VERSION = 1  # bump when synth_tile changes, so cached sets are regenerated
 
@@ -135,7 +137,7 @@ def make_demo(
     """
     out = Path(out)
     if tile < 16:
-        raise ValueError(f"make_demo: tile={tile} is too small; use tile>=16")
+        raise OptionError(f"make_demo: tile={tile} is too small; use tile>=16")
     counts = {"train": n_train, "val": n_val, "test": n_test}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
