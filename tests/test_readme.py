@@ -19,6 +19,8 @@ def _train_commands() -> list[list[str]]:
         line = line.split(" #")[0].strip()
         if line.startswith("python -m glint_lightning.train"):
             cmds.append(shlex.split(line)[3:])
+        elif line.startswith("glint-train ") and "--config-dir" not in line:  # that one needs the user's folder
+            cmds.append([a for a in shlex.split(line)[1:] if not a.startswith("[")])
     return cmds
 
 
@@ -53,5 +55,8 @@ def test_documented_overrides_compose(args):
 
 def test_readme_documents_at_least_the_core_commands():
     assert len(_train_commands()) >= 6 and len(_table_examples()) >= 10
-    for module in set(re.findall(r"python -m (glint_lightning[\w.]*)", README)):
+    for module in set(re.findall(r"python -m (glint_lightning[\w.]*\w)", README)):
         assert importlib.util.find_spec(module) is not None, module
+    scripts = (REPO / "pyproject.toml").read_text()
+    for script in set(re.findall(r"(?:^|`|&& )(glint-[a-z-]+[a-z])\b", README, re.MULTILINE)) - {"glint-lightning"}:
+        assert f'{script} = "glint_lightning.' in scripts, f"README names {script}, which is no console script"
