@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
 import pytest
 
 from tests.conftest import REPO, TINY
@@ -63,26 +65,28 @@ def test_the_wheel_carries_the_repos_configs(installed):
 
 
 @pytest.mark.slow
-def test_installed_package_trains_from_an_empty_folder(installed, tmp_path, cache_dir):
-    where = _run(
-        installed,
-        [sys.executable, "-c", "import glint_lightning; print(glint_lightning.__file__)"],
-        tmp_path,
-        cache_dir,
-    )
-    assert where.stdout.strip().startswith(str(installed)), "the installed copy, not the checkout"
+def test_installed_package_works_from_an_empty_folder(installed, tmp_path, cache_dir):
+    """What a lab does after `pip install`: train (debug=default), eval, predict and export, outside the checkout."""
+    py = [sys.executable, "-c", "import glint_lightning; print(glint_lightning.__file__)"]
+    assert _run(installed, py, tmp_path, cache_dir).stdout.strip().startswith(str(installed)), "not the checkout"
     job = _run(installed, [sys.executable, "-m", "glint_lightning.train", "--cfg", "job"], tmp_path, cache_dir)
     assert job.returncode == 0, job.stderr[-2000:]
     assert "_target_: glint_lightning.models.UNet" in job.stdout
-    res = _run(
-        installed,
-        [sys.executable, "-m", "glint_lightning.train", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run"],
-        tmp_path,
-        cache_dir,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    assert "best checkpoint:" in res.stdout
+
+    def glint(module: str, *args: str) -> subprocess.CompletedProcess:
+        res = _run(installed, [sys.executable, "-m", f"glint_lightning.{module}", *args], tmp_path, cache_dir)
+        assert res.returncode == 0, f"{module}: {res.stderr[-3000:]}"
+        return res
+
+    res = glint("train", "debug=default", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run")
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file() and "best checkpoint:" in res.stdout
+    assert "scored:" in glint("eval", f"ckpt_path={ckpt}", "split=val", "out=eval").stdout
+    with h5py.File(tmp_path / "frames.h5", "w") as f:
+        f["frames"] = np.full((1, 40, 56), 1000.0, np.float32)
+    glint("predict", f"ckpt_path={ckpt}", "input=frames.h5", "output=masks.h5")
+    assert "max abs diff" in glint("export", f"ckpt_path={ckpt}", "format=torchscript", "out=model.pt").stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "frames.h5", "masks.h5", "model.pt", "run"]
 
 
 @pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
