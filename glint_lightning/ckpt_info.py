@@ -30,6 +30,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "has_optimizer_state": "optimizer_states" in ckpt,
         "threshold": hp.get("threshold"),
         "threshold_calibration": ckpt.get("threshold_calibration"),
+        "threshold_from_these_weights": _calibrated_here(ckpt),
         "metrics": ckpt.get("metrics", {}),
         "best": {k: (float(v) if v is not None else None) for k, v in best.items()},
         "model": hp.get("model"),
@@ -39,6 +40,30 @@ def describe(path: str | Path) -> dict[str, Any]:
     }
 
 
+def _calibrated_here(ckpt: dict[str, Any]) -> bool | None:
+    """Whether the stored threshold was calibrated with this checkpoint's weights (same epoch and step); None when
+    no threshold was calibrated or the calibration does not record its weights (written before it did)."""
+    weights = (ckpt.get("threshold_calibration") or {}).get("weights")
+    if not weights:
+        return None
+    return (weights.get("epoch"), weights.get("global_step")) == (ckpt.get("epoch"), ckpt.get("global_step"))
+
+
+def _calibration(info: dict[str, Any]) -> str:
+    """(calibrated with these weights: val F1 0.8277), or with which other weights, e.g. last.ckpt's threshold
+    comes from the best checkpoint's weights."""
+    cal = info["threshold_calibration"]
+    if not cal:
+        return ""
+    f1, weights, here = f"val F1 {cal['val_f1']:.4f}", cal.get("weights") or {}, info["threshold_from_these_weights"]
+    if here is None:
+        return f" (calibrated: {f1}; with which weights was not recorded)"
+    if here:
+        return f" (calibrated with these weights: {f1})"
+    which = "the best weights" if weights.get("role") == "best" else "other weights"
+    return f" (calibrated with {which}, {weights.get('checkpoint')} at epoch {weights.get('epoch')}, not these: {f1})"
+
+
 def format_info(info: dict[str, Any]) -> str:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(info["metrics"].items()) if not k.endswith("_step"))
     return "\n".join(
@@ -46,8 +71,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"checkpoint:      {info['path']} ({info['size_mb']} MB)",
             f"epoch / step:    {info['epoch']} / {info['global_step']}",
             f"optimizer state: {'yes' if info['has_optimizer_state'] else 'no (weights-only resume)'}",
-            f"threshold:       {info['threshold']}"
-            + (f" (calibrated: val F1 {cal['val_f1']:.4f})" if (cal := info["threshold_calibration"]) else ""),
+            f"threshold:       {info['threshold']}{_calibration(info)}",
             f"best:            {info['best']}",
             f"metrics:         {metrics or '-'}",
             f"model:           {info['model']} ({info['parameters'] / 1e6:.2f}M parameters)",

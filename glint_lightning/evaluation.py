@@ -3,8 +3,9 @@ through Lightning's test loop: GlintModule.test_step with the metrics in glint_l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -37,10 +38,15 @@ def calibrate_threshold(module: GlintModule, loader: DataLoader, device: torch.d
     return round(float(thresholds[best]), 4), float(f1[best])
 
 
-def write_threshold(path: str | Path, threshold: float, val_f1: float) -> None:
-    """Store a calibrated threshold in a checkpoint (as its `threshold` hyper-parameter), atomically."""
+def write_threshold(
+    path: str | Path, threshold: float, val_f1: float, weights: Mapping[str, Any] | None = None
+) -> None:
+    """Store a calibrated threshold in a checkpoint (as its `threshold` hyper-parameter), atomically, with the
+    weights it was calibrated with: `weights` ({"checkpoint": file name, "epoch", "global_step", "role"}, e.g. the
+    best checkpoint's for last.ckpt), or this checkpoint's own when None. ckpt_info tells the two apart."""
     path = Path(path)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    own = {"checkpoint": path.name, "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}
     ckpt["hyper_parameters"]["threshold"] = threshold
-    ckpt["threshold_calibration"] = {"threshold": threshold, "val_f1": val_f1}
+    ckpt["threshold_calibration"] = {"threshold": threshold, "val_f1": val_f1, "weights": dict(weights or own)}
     atomic_torch_save(ckpt, path)

@@ -242,11 +242,15 @@ def _interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
 
 
 def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any]) -> dict[str, float]:
-    """Pick the threshold maximising val F1 with the best weights; store it in the best and last checkpoints."""
-    module.load_state_dict(load_checkpoint(Path(summary["best_checkpoint"]))["state_dict"])
+    """Pick the threshold maximising val F1 with the best weights; store it in the best and last checkpoints, each
+    saying it came from the best weights (last.ckpt may hold later ones)."""
+    best_path = Path(summary["best_checkpoint"])
+    best = load_checkpoint(best_path)
+    module.load_state_dict(best["state_dict"])
     threshold, f1 = calibrate_threshold(module, datamodule.eval_loader("val", shard=False), module.device)
+    weights = {"checkpoint": best_path.name, "epoch": best.get("epoch"), "global_step": best.get("global_step")}
     for path in {summary["best_checkpoint"], summary["last_checkpoint"]} - {None}:
-        write_threshold(path, threshold, f1)
+        write_threshold(path, threshold, f1, {**weights, "role": "best"})
     module.set_threshold(threshold)
     return {"value": threshold, "val_f1": f1}
 

@@ -1,8 +1,11 @@
 """Freeze named parts of the network (`model.freeze=[backbone]`), optionally unfreezing them at an epoch.
 
 Built on Lightning's BaseFinetuning, which freezes before the optimizer is configured and adds the unfrozen
-parameters as a new param group. Two things it leaves to us: BatchNorm layers of frozen parts stay in eval mode
-(running statistics untouched), and a run resumed after the unfreeze epoch gets its parts trainable again.
+parameters as a new param group. What it leaves to us: BatchNorm layers of frozen parts stay in eval mode (running
+statistics untouched) and go back to train mode when unfrozen (Lightning 2.6 never calls `.train()` on the model
+during fit; it only restores each module's mode after validation), and a run resumed after the unfreeze epoch gets
+its parts trainable again. The new groups' learning rates are logged from the unfreeze epoch's first step by
+glint_lightning.callbacks.lr_monitor.LearningRateMonitor.
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ class FreezeParts(BaseFinetuning):
             lr = self.base_lr * self.lr_mult.get(part, 1.0)
             self.unfreeze_and_add_param_group(module, optimizer, lr=lr, train_bn=True)
             optimizer.param_groups[-1]["name"] = part  # what LearningRateMonitor calls the group
+        for bn in self._frozen_bn:  # put in eval by on_train_batch_start: statistics learn again
+            bn.train(pl_module.training)
         self._frozen_bn, self._unfrozen = [], True
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        for bn in self._frozen_bn:  # Lightning puts the whole module back in train mode every epoch
+        for bn in self._frozen_bn:  # also after the user's code calls model.train()
             if bn.training:
                 bn.eval()
