@@ -28,36 +28,42 @@ def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Calla
     register_help_resolver()
 
     def decorate(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-        stderr = _HeldBack(sys.stderr)
-
         @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
-        def app(cfg: DictConfig) -> Any:
-            stderr.release()
-            sys.stderr = stderr.real  # the task writes (and launchers pickle) the real stream
+        def app(cfg: DictConfig) -> Any:  # launchers (joblib, submitit) pickle this: it holds no open stream
+            _release_stderr()
             in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
             with exit_on_user_error(in_sweep=in_sweep):
                 trust(cfg.get("trusted_targets"))
                 return task(cfg)
 
         def main() -> Any:
-            real, sys.stderr = sys.stderr, stderr
+            held = _HeldBack(sys.stderr)
+            real, sys.stderr = sys.stderr, held
             try:
                 return app()
             except SystemExit as exit_:
-                if stderr.held and exit_.code not in (0, None):  # Hydra refused the command line itself
-                    line = _one_line(stderr.discard())
+                if held.held and exit_.code not in (0, None):  # Hydra refused the command line itself
+                    line = _one_line(held.discard())
                     print(line if line.startswith("error:") else f"error: {line}", file=real, flush=True)
                     raise SystemExit(EXIT_USER_ERROR) from None
                 raise
             finally:
                 sys.stderr = real
-                stderr.release()
+                held.release()
 
         main.__doc__ = task.__doc__
         main.task = task  # type: ignore[attr-defined]
         return main
 
     return decorate
+
+
+def _release_stderr() -> None:
+    """The task has started: pass on what Hydra wrote while composing, and give the task the real stream."""
+    if isinstance(sys.stderr, _HeldBack):
+        held = sys.stderr
+        held.release()
+        sys.stderr = held.real
 
 
 class _HeldBack(io.TextIOBase):
