@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from glint_lightning import slurm
 from glint_lightning.errors import GlintError
 from glint_lightning.trust import check_stored_config
 
@@ -43,6 +44,25 @@ def resolve_ckpt_path(value: str | None, ckpt_dir: Path, outputs_root: Path) -> 
     if not path.is_file():
         raise GlintError(f"ckpt_path={value}: no such file; pass an existing .ckpt file or ckpt_path=last")
     return path
+
+
+def resolve_resume(value: str | None, run_dir: Path, outputs_root: Path) -> Path | None:
+    """The checkpoint `train` resumes from: `ckpt_path` as `resolve_ckpt_path` resolves it, except in a requeued
+    SLURM job (pre-empted, or requeued at its time limit), which continues its own run dir's last.ckpt whatever
+    `ckpt_path` says: the job's first run started from that value, and everything since is in last.ckpt."""
+    job = slurm.requeued()
+    last = run_dir / "checkpoints" / LAST
+    if job is None or not last.is_file():
+        if job is not None and slurm.global_rank() == 0:
+            print(f"SLURM {job}: no {LAST} in {run_dir} yet; starting as the first run did", flush=True)
+        return resolve_ckpt_path(value, run_dir / "checkpoints", outputs_root)
+    if slurm.global_rank() == 0:
+        ckpt = load_checkpoint(last)
+        print(
+            f"SLURM {job}: resuming from {last} (epoch {finished_epochs(ckpt)}, step {ckpt.get('global_step', 0)})",
+            flush=True,
+        )
+    return last
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

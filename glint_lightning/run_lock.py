@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from glint_lightning import slurm
 from glint_lightning.errors import GlintError
 
 LOCK_NAME = "train.lock"
@@ -47,11 +48,16 @@ def _me() -> dict[str, Any]:
         "proc_start": stat[1] if stat else None,
         "token": uuid.uuid4().hex,
         "argv": sys.argv[1:],
+        "slurm_job": slurm.job_key(),
+        "slurm_restart": slurm.restart_count(),
     }
 
 
 def is_running(owner: dict[str, Any]) -> bool:
     """Whether the process that wrote `owner` may still run (True when that cannot be told: another host)."""
+    job = owner.get("slurm_job")
+    if job and job == slurm.job_key() and int(owner.get("slurm_restart") or 0) < slurm.restart_count():
+        return False  # this SLURM job's earlier run: SLURM ends a job's processes before it starts it again
     if owner.get("host") != socket.gethostname():
         return True
     pid = int(owner.get("pid", 0))

@@ -32,7 +32,7 @@ from glint_lightning.metrics import check_metric
 from glint_lightning.models.common import check_network
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
 from glint_lightning.provenance import provenance
-from glint_lightning.resume import check_length, check_resumable, load_checkpoint, plan_resume, resolve_ckpt_path
+from glint_lightning.resume import check_length, check_resumable, load_checkpoint, plan_resume, resolve_resume
 from glint_lightning.run_lock import RunLock
 from glint_lightning.trust import LIGHTNING_GROUPS, check_targets
 
@@ -127,7 +127,7 @@ def train(cfg: DictConfig) -> float | None:
     """Train as configured; returns the best value of `optimized_metric` (for sweepers), or None."""
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), run_dir / "checkpoints", Path(cfg.paths.outputs_root))
+    ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, Path(cfg.paths.outputs_root))
     with _run_dir_lock(run_dir):
         return _train(cfg, run_dir, ckpt_path)
 

@@ -105,3 +105,16 @@ def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_
     assert first.returncode == 0, err[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1, "the first run finished unharmed"
     assert not (run_dir / LOCK_NAME).exists()
+
+
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_any_node(tmp_path, monkeypatch, capsys):
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    _write_lock(tmp_path, pid=os.getppid(), host="node7.example", slurm_job="12", slurm_restart=0)
+    monkeypatch.setenv("SLURM_JOB_ID", "12")
+    with pytest.raises(GlintError, match="delete"):  # not requeued: that run may still be alive on node7
+        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM ended it before starting the job again
+    with RunLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["slurm_restart"] == 1
+    assert "took over the lock" in capsys.readouterr().err
