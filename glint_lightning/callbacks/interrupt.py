@@ -3,8 +3,8 @@
 Pre-emption, `kill`, SLURM's time limit and `timeout` send SIGTERM. Lightning already turns it into
 `SIGTERMException` at the next batch boundary, where model, optimizer and loop state agree, and calls
 `on_exception`; this callback saves the checkpoint there. Ctrl-C is routed the same way (a KeyboardInterrupt
-could land in the middle of an optimizer step); a second Ctrl-C aborts at once. Lightning's SLURM requeue
-signal (SIGUSR1) is left to Lightning.
+could land in the middle of an optimizer step); a second Ctrl-C aborts at once. SLURM's time-limit
+signals (USR1, USR2) come here too, through glint_lightning.slurm, which then requeues the job.
 """
 
 from __future__ import annotations
