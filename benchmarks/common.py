@@ -11,8 +11,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.data.demo import cached_demo
+from glint_lightning.utils.config_dir import CONFIG_DIR
 
 CACHE = Path(os.environ.get("GLINT_CACHE_DIR", "outputs/cache"))
 

@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 from benchmarks.common import Stopwatch, config, demo_tiles, median_rate
 from glint_lightning.data.augment import AugmentConfig, augment_batch
 from glint_lightning.data.h5 import collate_tiles
-from glint_lightning.seeding import STREAM_AUGMENT, derive_seed
 from glint_lightning.train import build_module
+from glint_lightning.utils.seeding import STREAM_AUGMENT, derive_seed
 
 WARMUP = 2  # batches left out of the timing on both sides
 

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from benchmarks.common import timed_steps
-from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.losses import DiceLoss
+from glint_lightning.utils.config_dir import CONFIG_DIR
 
 MODELS = {  # name: (config file, overrides)
     "unet (32, depth 4)": ("unet", {}),

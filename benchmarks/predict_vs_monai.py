@@ -22,7 +22,7 @@ from contextlib import nullcontext
 import torch
 
 from benchmarks.common import Stopwatch
-from glint_lightning.inference import FramePredictor
+from glint_lightning.inference.frames import FramePredictor
 from glint_lightning.module import GlintModule
 
 

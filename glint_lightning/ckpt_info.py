@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glint_lightning.errors import exit_on_user_error
-from glint_lightning.resume import load_checkpoint
+from glint_lightning.checkpoints.resume import load_checkpoint
+from glint_lightning.utils.errors import exit_on_user_error
 
 
 def describe(path: str | Path) -> dict[str, Any]:

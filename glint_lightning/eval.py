@@ -24,12 +24,12 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
-from glint_lightning.cli import hydra_app
+from glint_lightning.checkpoints.resume import load_checkpoint
 from glint_lightning.data import GlintDataModule
-from glint_lightning.errors import GlintError
-from glint_lightning.evaluation import calibrate_threshold, write_threshold
+from glint_lightning.inference.calibration import calibrate_threshold, write_threshold
 from glint_lightning.module import GlintModule
-from glint_lightning.resume import load_checkpoint
+from glint_lightning.utils.cli import hydra_app
+from glint_lightning.utils.errors import GlintError
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -21,14 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from glint_lightning import __version__
-from glint_lightning.checkpoint_io import atomic_output, atomic_torch_save
-from glint_lightning.cli import hydra_app
-from glint_lightning.errors import GlintError
-from glint_lightning.exported import load_pth, load_safetensors
+from glint_lightning.checkpoints.exported import load_pth, load_safetensors
+from glint_lightning.checkpoints.io import atomic_output, atomic_torch_save
+from glint_lightning.checkpoints.resume import load_checkpoint
 from glint_lightning.models.common import check_network, network_stride, pad_to_multiple
 from glint_lightning.models.pretrained import sidecar_path
 from glint_lightning.module import GlintModule
-from glint_lightning.resume import load_checkpoint
+from glint_lightning.utils.cli import hydra_app
+from glint_lightning.utils.errors import GlintError
 
 SUFFIX = {"pth": ".pth", "torchscript": ".pt", "onnx": ".onnx", "safetensors": ".safetensors"}
 MAX_DIFF = 1e-3  # largest difference in logits from the PyTorch model an export may show

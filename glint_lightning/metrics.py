@@ -18,7 +18,7 @@ from torchmetrics.classification import (
     BinaryRecall,
 )
 
-from glint_lightning.errors import GlintError
+from glint_lightning.utils.errors import GlintError
 
 # name -> (class, mode): scored on valid pixels only, for the val and test splits.
 PIXEL_METRICS = {

@@ -16,12 +16,12 @@ from torchmetrics import MetricCollection
 
 from glint_lightning import __version__
 from glint_lightning.callbacks.finetuning import FreezeParts
-from glint_lightning.errors import TrainingDiverged
+from glint_lightning.checkpoints.resume import load_checkpoint
+from glint_lightning.inference.tiling import tta_transforms, with_tta
 from glint_lightning.metrics import OBJECT_METRICS, ObjectMetric, pixel_metrics
 from glint_lightning.models.common import crop, model_part, network_stride, pad_to_multiple
-from glint_lightning.resume import load_checkpoint
-from glint_lightning.seeding import STREAM_DROPOUT, derive_seed
-from glint_lightning.tiling import tta_transforms, with_tta
+from glint_lightning.utils.errors import TrainingDiverged
+from glint_lightning.utils.seeding import STREAM_DROPOUT, derive_seed
 
 # Keys of the model config that say where the initial weights came from, not what the network is: a checkpoint
 # whose stored values differ still resumes (its own weights replace them anyway).

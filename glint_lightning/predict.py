@@ -20,13 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from glint_lightning.checkpoint_io import atomic_output
-from glint_lightning.cli import hydra_app
+from glint_lightning.checkpoints.exported import load_module
+from glint_lightning.checkpoints.io import atomic_output
 from glint_lightning.data.h5 import depth_and_validity
-from glint_lightning.errors import GlintError
-from glint_lightning.exported import load_module
-from glint_lightning.inference import FramePredictor
+from glint_lightning.inference.frames import FramePredictor
 from glint_lightning.module import GlintModule
+from glint_lightning.utils.cli import hydra_app
+from glint_lightning.utils.errors import GlintError
 
 REQUIRED = ("ckpt_path", "input", "output")
 EXAMPLE = "glint-predict ckpt_path=run/checkpoints/best.ckpt input=frames.h5 output=masks.h5"

@@ -21,10 +21,10 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig
 
-from glint_lightning.cli import hydra_app
-from glint_lightning.errors import GlintError
+from glint_lightning.utils.cli import hydra_app
+from glint_lightning.utils.errors import GlintError
 
-STUDY_POINTER = "optuna_study.yaml"  # written by glint_lightning.optuna_sweep into each sweep folder of a study
+STUDY_POINTER = "optuna_study.yaml"  # written by glint_lightning.runs.optuna_sweep into each sweep folder of a study
 TRIAL_STATUS = {"COMPLETE": "done", "FAIL": "failed", "RUNNING": "running", "PRUNED": "pruned", "WAITING": "waiting"}
 
 

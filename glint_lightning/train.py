@@ -24,17 +24,23 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.callbacks import CheckpointOnInterrupt, ResumeSchedule
-from glint_lightning.checkpoint_io import remove_stale_temporaries
-from glint_lightning.cli import hydra_app
-from glint_lightning.errors import GlintError, Interrupted
-from glint_lightning.evaluation import calibrate_threshold, write_threshold
+from glint_lightning.checkpoints.io import remove_stale_temporaries
+from glint_lightning.checkpoints.resume import (
+    check_length,
+    check_resumable,
+    load_checkpoint,
+    plan_resume,
+    resolve_resume,
+)
+from glint_lightning.inference.calibration import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
 from glint_lightning.models.common import check_network
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
-from glint_lightning.provenance import provenance
-from glint_lightning.resume import check_length, check_resumable, load_checkpoint, plan_resume, resolve_resume
-from glint_lightning.run_lock import RunLock
-from glint_lightning.trust import LIGHTNING_GROUPS, check_targets
+from glint_lightning.runs.provenance import provenance
+from glint_lightning.runs.run_lock import RunLock
+from glint_lightning.utils.cli import hydra_app
+from glint_lightning.utils.errors import GlintError, Interrupted
+from glint_lightning.utils.trust import LIGHTNING_GROUPS, check_targets
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -1,4 +1,4 @@
-"""`hydra/sweeper=glint_optuna`: hydra-optuna-sweeper whose study survives a crash (glint_lightning.optuna_sweep).
+"""`hydra/sweeper=glint_optuna`: hydra-optuna-sweeper whose study survives a crash (glint_lightning.runs.optuna_sweep).
 
 Hydra builds sweepers only from classes under the `hydra_plugins` namespace, and imports every module there when
 any Hydra app starts: this one stays tiny and imports the work (and Optuna) only when the sweeper is built.
@@ -17,10 +17,10 @@ except ImportError:  # the `sweep` extra is not installed: no Optuna sweepers at
 if OptunaSweeper is not None:
 
     class GlintOptunaSweeper(OptunaSweeper):
-        """OptunaSweeper whose work is done by glint_lightning.optuna_sweep.ResumableSweep."""
+        """OptunaSweeper whose work is done by glint_lightning.runs.optuna_sweep.ResumableSweep."""
 
         def __init__(self, **kwargs: Any) -> None:
             logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna imports it; it lists its plugins
-            from glint_lightning.optuna_sweep import ResumableSweep
+            from glint_lightning.runs.optuna_sweep import ResumableSweep
 
             self.sweeper = ResumableSweep(**kwargs)

@@ -19,8 +19,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.module import GlintModule
+from glint_lightning.utils.config_dir import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torchvision.models as tvm
 
-from glint_lightning.errors import GlintError
 from glint_lightning.models import FCN, DeepLabV3Plus, SMPModel, UNet
 from glint_lightning.models.backbones import Encoder
 from glint_lightning.models.pretrained import adapt_input_conv, read_state_dict
+from glint_lightning.utils.errors import GlintError
 
 ODD = (97, 131)
 

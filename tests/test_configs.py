@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.train import build_module
+from glint_lightning.utils.config_dir import CONFIG_DIR
 from tests.conftest import TINY_MODEL
 
 CONF = Path(CONFIG_DIR)

@@ -5,7 +5,7 @@ import torch
 
 from glint_lightning.data import GlintDataModule
 from glint_lightning.data.augment import AugmentConfig, augment_batch
-from glint_lightning.errors import GlintError
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import random_tiles, write_tiles
 
 

@@ -7,12 +7,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from PIL import Image
 
-from glint_lightning.config_dir import CONFIG_DIR
 from glint_lightning.data.check import check_file, index_ranges
 from glint_lightning.data.convert import convert
 from glint_lightning.data.demo import synth_tile
-from glint_lightning.errors import GlintError
 from glint_lightning.train import train
+from glint_lightning.utils.config_dir import CONFIG_DIR
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import random_tiles, run_cli, write_tiles
 
 

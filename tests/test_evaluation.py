@@ -9,15 +9,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from glint_lightning.config_dir import CONFIG_DIR
+from glint_lightning.checkpoints.resume import load_checkpoint
 from glint_lightning.data import GlintDataModule
-from glint_lightning.errors import GlintError
 from glint_lightning.eval import build_data, evaluate
-from glint_lightning.evaluation import calibrate_threshold, predictions
+from glint_lightning.inference.calibration import calibrate_threshold, predictions
 from glint_lightning.metrics import ObjectMetric, match_components
 from glint_lightning.module import GlintModule
-from glint_lightning.resume import load_checkpoint
 from glint_lightning.train import train
+from glint_lightning.utils.config_dir import CONFIG_DIR
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import pointwise_module, random_tiles, run_cli, write_tiles
 
 

@@ -13,11 +13,11 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from glint_lightning.errors import GlintError
-from glint_lightning.exported import load_module
+from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.module import GlintModule
 from glint_lightning.train import train
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import run_cli
 
 

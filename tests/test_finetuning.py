@@ -6,9 +6,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glint_lightning.errors import GlintError
 from glint_lightning.module import GlintModule
 from glint_lightning.train import build_module, train
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import run_cli
 
 DEEPLAB = ["model=deeplabv3plus", "test=false"]

@@ -17,8 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from glint_lightning.callbacks import FeatureMaps
-from glint_lightning.errors import GlintError
 from glint_lightning.train import build_module, train
+from glint_lightning.utils.errors import GlintError
 
 STEPS_PER_EPOCH = 6  # 48 training tiles in batches of 8 (tests/conftest.py TINY)
 

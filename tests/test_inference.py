@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from glint_lightning.inference import FramePredictor, gaussian_importance, window_starts
+from glint_lightning.inference.frames import FramePredictor, gaussian_importance, window_starts
 from glint_lightning.module import GlintModule
 from tests.conftest import pointwise_module, run_cli
 

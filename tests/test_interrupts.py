@@ -7,8 +7,8 @@ import signal
 import pytest
 import torch
 
-from glint_lightning.errors import Interrupted
 from glint_lightning.train import train
+from glint_lightning.utils.errors import Interrupted
 from tests.conftest import Crash
 
 # 48 training tiles in batches of 8: 6 steps an epoch. Dropout, augmentation noise and a schedule make any

@@ -7,7 +7,7 @@ import shlex
 import pytest
 from hydra import compose, initialize_config_dir
 
-from glint_lightning.config_dir import CONFIG_DIR
+from glint_lightning.utils.config_dir import CONFIG_DIR
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()

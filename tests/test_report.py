@@ -10,8 +10,8 @@ import optuna
 import pytest
 import yaml
 
-from glint_lightning.optuna_sweep import StudyFile
 from glint_lightning.report import STUDY_POINTER, write_report
+from glint_lightning.runs.optuna_sweep import StudyFile
 from tests.conftest import run_cli
 
 

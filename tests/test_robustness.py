@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-import glint_lightning.checkpoint_io as checkpoint_io
-from glint_lightning.errors import GlintError
+import glint_lightning.checkpoints.io as checkpoint_io
+from glint_lightning.checkpoints.resume import load_checkpoint
 from glint_lightning.models.pretrained import read_state_dict
-from glint_lightning.resume import load_checkpoint
 from glint_lightning.train import train
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import TINY, run_cli
 
 

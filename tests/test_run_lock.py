@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from glint_lightning.errors import GlintError
-from glint_lightning.run_lock import LOCK_NAME, RunDirLocked, RunLock, is_running
+from glint_lightning.runs.run_lock import LOCK_NAME, RunDirLocked, RunLock, is_running
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import REPO, TINY, run_cli
 
 

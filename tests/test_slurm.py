@@ -18,9 +18,9 @@ import torch
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf
 
-from glint_lightning import slurm
-from glint_lightning.errors import EXIT_USER_ERROR
-from glint_lightning.resume import resolve_resume
+from glint_lightning.checkpoints.resume import resolve_resume
+from glint_lightning.runs import slurm
+from glint_lightning.utils.errors import EXIT_USER_ERROR
 from tests.conftest import REPO, TINY, run_cli
 
 if TYPE_CHECKING:

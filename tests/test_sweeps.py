@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from glint_lightning.config_dir import CONFIG_DIR
-from glint_lightning.errors import GlintError
-from glint_lightning.optuna_sweep import ResumableSweep, StudyFile, check_database_url
 from glint_lightning.report import STUDY_POINTER, write_report
+from glint_lightning.runs.optuna_sweep import ResumableSweep, StudyFile, check_database_url
+from glint_lightning.utils.config_dir import CONFIG_DIR
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import TINY, run_cli
 
 FAST = [*TINY, "trainer.max_epochs=1", "test=false"]

@@ -7,7 +7,7 @@ import json
 import shutil
 
 from glint_lightning.ckpt_info import describe, format_info
-from glint_lightning.evaluation import write_threshold
+from glint_lightning.inference.calibration import write_threshold
 from glint_lightning.train import train
 
 

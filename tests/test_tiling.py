@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from glint_lightning.errors import GlintError
-from glint_lightning.inference import FramePredictor, pad_frame
+from glint_lightning.inference.frames import FramePredictor, pad_frame
+from glint_lightning.inference.tiling import gaussian_importance, padded_length, tta_transforms, window_starts
 from glint_lightning.module import GlintModule
-from glint_lightning.tiling import gaussian_importance, padded_length, tta_transforms, window_starts
+from glint_lightning.utils.errors import GlintError
 from tests.conftest import pointwise_module
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
-from glint_lightning.config_dir import CONFIG_DIR
+from glint_lightning.utils.config_dir import CONFIG_DIR
 from tests.conftest import run_cli
 
 TOOLS = {  # module: (config name, console script)

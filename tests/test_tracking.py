@@ -7,7 +7,7 @@ import subprocess
 
 import numpy as np
 
-from glint_lightning.provenance import file_fingerprint
+from glint_lightning.runs.provenance import file_fingerprint
 from glint_lightning.train import train
 from tests.conftest import REPO
 

@@ -9,9 +9,9 @@ import torch
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from glint_lightning.errors import GlintError
 from glint_lightning.module import GlintModule
 from glint_lightning.train import build_module, train
+from glint_lightning.utils.errors import GlintError
 
 
 def _ckpts(run_dir):

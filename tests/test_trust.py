@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from glint_lightning.errors import GlintError
-from glint_lightning.trust import check_targets, trust, untrusted_targets
+from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.trust import check_targets, trust, untrusted_targets
 from tests.conftest import TINY, run_cli
 
 PAYLOAD = "tests.payloads.write_marker"
@@ -103,11 +103,11 @@ def test_targets_at_any_depth_lists_and_partials_are_checked():
 
 
 def test_trusted_targets_setting_adds_prefixes(monkeypatch):
-    monkeypatch.setattr("glint_lightning.trust._configured", ())
+    monkeypatch.setattr("glint_lightning.utils.trust._configured", ())
     tree = {"model": {"_target_": "mylab.nets.Net"}}
     assert untrusted_targets(tree)
     trust(["mylab."])
     assert untrusted_targets(tree) == []
-    monkeypatch.setattr("glint_lightning.trust._configured", ())
+    monkeypatch.setattr("glint_lightning.utils.trust._configured", ())
     monkeypatch.setenv("GLINT_TRUSTED_TARGETS", "otherlab., mylab.")
     assert untrusted_targets(tree) == []

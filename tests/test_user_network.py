@@ -8,13 +8,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from glint_lightning.config_dir import CONFIG_DIR
-from glint_lightning.errors import GlintError
+from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.export import export
-from glint_lightning.exported import load_module
 from glint_lightning.models.common import check_network, pad_to_multiple
 from glint_lightning.module import GlintModule
-from glint_lightning.trust import UntrustedTarget
+from glint_lightning.utils.config_dir import CONFIG_DIR
+from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.trust import UntrustedTarget
 from tests.conftest import run_cli
 
 HERE = "tests.test_user_network"

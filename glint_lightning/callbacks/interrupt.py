@@ -4,7 +4,7 @@ Pre-emption, `kill`, SLURM's time limit and `timeout` send SIGTERM. Lightning al
 `SIGTERMException` at the next batch boundary, where model, optimizer and loop state agree, and calls
 `on_exception`; this callback saves the checkpoint there. Ctrl-C is routed the same way (a KeyboardInterrupt
 could land in the middle of an optimizer step); a second Ctrl-C aborts at once. SLURM's time-limit
-signals (USR1, USR2) come here too, through glint_lightning.slurm, which then requeues the job.
+signals (USR1, USR2) come here too, through glint_lightning.runs.slurm, which then requeues the job.
 """
 
 from __future__ import annotations

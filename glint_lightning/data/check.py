@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from glint_lightning.data.h5 import DEPTH_DTYPES, MASK_CHECK_BLOCK
-from glint_lightning.errors import EXIT_USER_ERROR
+from glint_lightning.utils.errors import EXIT_USER_ERROR
 
 
 def index_ranges(indices: list[int], limit: int = 6) -> str:

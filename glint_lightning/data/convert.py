@@ -20,11 +20,11 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from glint_lightning.checkpoint_io import atomic_output
-from glint_lightning.cli import hydra_app
+from glint_lightning.checkpoints.io import atomic_output
 from glint_lightning.data.h5 import depth_and_validity
-from glint_lightning.errors import GlintError
-from glint_lightning.tiling import window_starts
+from glint_lightning.inference.tiling import window_starts
+from glint_lightning.utils.cli import hydra_app
+from glint_lightning.utils.errors import GlintError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".npy", ".tif", ".tiff")

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 from glint_lightning.data.augment import AugmentConfig, augment_batch
 from glint_lightning.data.demo import cached_demo, demo_folder
 from glint_lightning.data.h5 import H5Tiles, TileKeys, collate_tiles, depth_statistics, inspect_tile_file
-from glint_lightning.errors import GlintError
-from glint_lightning.seeding import STREAM_AUGMENT, STREAM_SHUFFLE, derive_seed
+from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.seeding import STREAM_AUGMENT, STREAM_SHUFFLE, derive_seed
 
 
 class EpochShuffleSampler(Sampler[int]):

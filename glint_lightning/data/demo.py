@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from glint_lightning.errors import OptionError
+from glint_lightning.utils.errors import OptionError
 
 SPLITS = ("train", "val", "test")
 GENERATOR_VERSION = 1  # bump when synth_tile changes, so cached sets are regenerated

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from glint_lightning.errors import GlintError
+from glint_lightning.utils.errors import GlintError
 
 DEPTH_DTYPES = (np.float32, np.float16, np.float64, np.uint16)
 MASK_CHECK_BLOCK = 256  # tiles per read when checking mask values: bounded memory for files larger than RAM

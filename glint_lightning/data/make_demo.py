@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from glint_lightning.cli import hydra_app
 from glint_lightning.data.demo import make_demo
-from glint_lightning.errors import GlintError
+from glint_lightning.utils.cli import hydra_app
+from glint_lightning.utils.errors import GlintError
 
 
 @hydra_app("make_demo")

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from glint_lightning.errors import GlintError
 from glint_lightning.models.common import batchnorm_to_groupnorm, crop, pad_to_multiple
 from glint_lightning.models.pretrained import apply_pretrained
+from glint_lightning.utils.errors import GlintError
 
 # name -> (constructor, weights enum, stage boundaries, channels per stage)
 # Boundaries are the names (ResNet) or `features` indices (MobileNetV2, VGG) that end each stage.

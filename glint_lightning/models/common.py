@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glint_lightning.errors import GlintError
+from glint_lightning.utils.errors import GlintError
 
 
 def _declared_stride(net: nn.Module) -> int | None:

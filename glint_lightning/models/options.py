@@ -4,7 +4,7 @@ ValueError keep working)."""
 
 from __future__ import annotations
 
-from glint_lightning.errors import OptionError
+from glint_lightning.utils.errors import OptionError
 
 
 class ModelOptionError(OptionError):

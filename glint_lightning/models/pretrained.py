@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from glint_lightning.errors import GlintError
-from glint_lightning.trust import check_stored_config, check_targets
+from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.trust import check_stored_config, check_targets
 
 log = logging.getLogger(__name__)
 

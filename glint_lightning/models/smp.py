@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from glint_lightning.errors import GlintError
 from glint_lightning.models.common import pad_to_multiple
 from glint_lightning.models.pretrained import apply_pretrained
+from glint_lightning.utils.errors import GlintError
 
 
 class SMPModel(nn.Module):

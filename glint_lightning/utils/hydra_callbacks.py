@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from glint_lightning.errors import EXIT_USER_ERROR
+from glint_lightning.utils.errors import EXIT_USER_ERROR
 
 
 def unwritable_reason(folder: Path) -> str | None:

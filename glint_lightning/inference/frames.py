@@ -14,10 +14,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from glint_lightning.errors import GlintError
-from glint_lightning.models.common import network_stride
-from glint_lightning.module import GlintModule
-from glint_lightning.tiling import (
+from glint_lightning.inference.tiling import (
     TTA_MODES,
     gaussian_importance,
     padded_length,
@@ -26,6 +23,9 @@ from glint_lightning.tiling import (
     window_starts,
     with_tta,
 )
+from glint_lightning.models.common import network_stride
+from glint_lightning.module import GlintModule
+from glint_lightning.utils.errors import GlintError
 
 __all__ = ["FramePredictor", "gaussian_importance", "window_starts"]  # data/convert.py imports window_starts here
 

@@ -33,7 +33,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from glint_lightning.errors import EXIT_USER_ERROR
+from glint_lightning.utils.errors import EXIT_USER_ERROR
 
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # sbatch --signal=USR1@N (Lightning's convention); submitit: USR2
 INTERACTIVE_NAMES = ("bash", "interactive")  # salloc/srun shells: not a batch job (as Lightning decides)

@@ -3,5 +3,5 @@ else the repo's top-level conf/ (a checkout or an editable install). One source 
 
 from pathlib import Path
 
-_PACKAGED = Path(__file__).resolve().parent / "conf"
+_PACKAGED = Path(__file__).resolve().parent.parent / "conf"
 CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "conf")

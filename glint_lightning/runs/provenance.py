@@ -14,7 +14,7 @@ from typing import Any
 import lightning
 import torch
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def file_fingerprint(path: str | Path, blocks: int = 16, block_size: int = 1 << 20) -> str:

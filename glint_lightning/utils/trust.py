@@ -8,7 +8,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from glint_lightning.errors import GlintError
+from glint_lightning.utils.errors import GlintError
 
 TRUSTED = ("glint_lightning.", "torch.nn.", "torch.optim.", "segmentation_models_pytorch.")
 # Lightning's classes are built only from train's composed config, and only in these top-level groups.

@@ -16,10 +16,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from glint_lightning.config_dir import CONFIG_DIR
-from glint_lightning.errors import EXIT_USER_ERROR, exit_on_user_error
-from glint_lightning.tool_help import register_help_resolver
-from glint_lightning.trust import trust
+from glint_lightning.utils.config_dir import CONFIG_DIR
+from glint_lightning.utils.errors import EXIT_USER_ERROR, exit_on_user_error
+from glint_lightning.utils.tool_help import register_help_resolver
+from glint_lightning.utils.trust import trust
 
 
 def hydra_app(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

@@ -34,8 +34,8 @@ from optuna.storages import InMemoryStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from glint_lightning.errors import GlintError, exit_on_user_error
 from glint_lightning.report import STUDY_POINTER
+from glint_lightning.utils.errors import GlintError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 logging.getLogger("optuna.storages._in_memory").setLevel(logging.WARNING)  # "A new study created in memory"

@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from glint_lightning.errors import OptionError
+from glint_lightning.utils.errors import OptionError
 
 TTA_MODES = ("none", "flip", "d4")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from glint_lightning.config_dir import CONFIG_DIR
+from glint_lightning.utils.config_dir import CONFIG_DIR
 
 _OPTION = re.compile(r"^(?!defaults:|hydra:)[A-Za-z_]\w*:")  # a top-level key of the primary config
 

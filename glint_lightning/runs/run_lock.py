@@ -19,8 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from glint_lightning import slurm
-from glint_lightning.errors import GlintError
+from glint_lightning.runs import slurm
+from glint_lightning.utils.errors import GlintError
 
 LOCK_NAME = "train.lock"
 

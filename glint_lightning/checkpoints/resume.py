@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from glint_lightning import slurm
-from glint_lightning.errors import GlintError
-from glint_lightning.trust import check_stored_config
+from glint_lightning.runs import slurm
+from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.trust import check_stored_config
 
 LAST = "last.ckpt"
 

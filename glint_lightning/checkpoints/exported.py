@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from glint_lightning.errors import GlintError
 from glint_lightning.models.pretrained import read_safetensors, read_sidecar
 from glint_lightning.module import GlintModule
-from glint_lightning.trust import check_stored_config, check_targets
+from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.trust import check_stored_config, check_targets
 
 DEFAULT_LOSS = {"_target_": "glint_lightning.losses.BCELoss"}  # only for exports that record no loss
 

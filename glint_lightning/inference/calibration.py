@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
-from glint_lightning.checkpoint_io import atomic_torch_save
+from glint_lightning.checkpoints.io import atomic_torch_save
 from glint_lightning.module import GlintModule
 
 
