@@ -30,7 +30,7 @@ BATCH = {64: 16, 256: 4}
 
 def build(group: str, overrides: dict) -> torch.nn.Module:
     cfg = OmegaConf.merge(OmegaConf.load(f"{CONFIG_DIR}/model/{group}.yaml"), overrides)
-    cfg = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("freeze", "unfreeze_at_epoch")}
+    cfg = OmegaConf.to_container(cfg)
     return instantiate(cfg)
 
 

@@ -23,9 +23,10 @@ from torch import nn
 from glint_lightning import __version__
 from glint_lightning.checkpoints.exported import load_pth, load_safetensors
 from glint_lightning.checkpoints.io import atomic_output, atomic_torch_save
-from glint_lightning.checkpoints.resume import load_checkpoint
-from glint_lightning.models.common import check_network, network_stride, pad_to_multiple
-from glint_lightning.models.pretrained import sidecar_path
+from glint_lightning.checkpoints.reader import load_checkpoint, sidecar_path
+from glint_lightning.models.base import SegmentationNetwork, network_stride
+from glint_lightning.models.common import check_network
+from glint_lightning.models.depth_input import DepthInput
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
@@ -46,18 +47,30 @@ class _Logits(nn.Module):
         return out["out"] if isinstance(out, dict) else out
 
 
+class _Network(SegmentationNetwork):
+    """The network's logits for inputs padded to its stride (`core`: traced for TorchScript), behind the base
+    forward that pads any input and crops back."""
+
+    def __init__(self, core: nn.Module, stride: int) -> None:
+        super().__init__()
+        self.core, self.stride = core, stride
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        return self.core(x)
+
+
 class ExportedGlintModel(nn.Module):
-    """depth (B, 1, H, W) in mm and valid (B, 1, H, W) bool -> logits (B, 1, H, W), for any B, H, W."""
+    """depth (B, 1, H, W) in mm and valid (B, 1, H, W) bool -> logits (B, 1, H, W), for any B, H, W: the same
+    DepthInput and the same pad-forward-crop as training."""
 
     def __init__(self, core: nn.Module, stride: int, mean: float, std: float) -> None:
         super().__init__()
-        self.core, self.stride, self.mean, self.std = core, stride, mean, std
+        self.depth_input, self.network = DepthInput(mean, std), _Network(core, stride)
 
     def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        h, w = depth.shape[-2], depth.shape[-1]
-        x = (depth - self.mean) / self.std
-        x = torch.where(valid, x, torch.zeros_like(x))
-        return self.core(pad_to_multiple(x, self.stride))[:, :, :h, :w]
+        out = self.network(self.depth_input(depth, valid))
+        assert isinstance(out, torch.Tensor)  # TorchScript: the core returns logits only
+        return out
 
 
 def _check_inputs(module: GlintModule, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,11 +15,12 @@ from torch import nn
 from torchmetrics import MetricCollection
 
 from glint_lightning import __version__
-from glint_lightning.callbacks.finetuning import FreezeParts
-from glint_lightning.checkpoints.resume import load_checkpoint
+from glint_lightning.checkpoints.reader import load_checkpoint, network_config
 from glint_lightning.inference.tiling import tta_transforms, with_tta
 from glint_lightning.metrics import OBJECT_METRICS, ObjectMetric, pixel_metrics
-from glint_lightning.models.common import crop, model_part, network_stride, pad_to_multiple
+from glint_lightning.models.base import forward_any_size
+from glint_lightning.models.common import model_part
+from glint_lightning.models.depth_input import DepthInput
 from glint_lightning.utils.errors import TrainingDiverged
 from glint_lightning.utils.seeding import STREAM_DROPOUT, derive_seed
 
@@ -43,12 +44,19 @@ def _native_bincount_on_cpu(device: torch.device) -> Iterator[None]:
         torch.use_deterministic_algorithms(True, warn_only=warn_only)
 
 
+def _rename_old_depth_buffers(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Checkpoints written before DepthInput kept the statistics as `depth_mean` / `depth_std`."""
+    for old, new in (("depth_mean", "depth_input.mean"), ("depth_std", "depth_input.std")):
+        if prefix + old in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
+
+
 class GlintModule(L.LightningModule):
     """Glint segmentation.
 
     Args:
-        model: `_target_` config of the network (B, C, H, W) -> (B, 1, H, W) logits, plus `freeze` (names of
-            parts to freeze) and `unfreeze_at_epoch`.
+        model: `_target_` config of the network (B, C, H, W) -> (B, 1, H, W) logits (callbacks.freeze freezes
+            named parts of it).
         loss: `_target_` config of a loss taking (logits, target, valid).
         optimizer: `_target_` config of a torch optimizer, without params.
         scheduler: {scheduler: `_target_` config without optimizer, interval, frequency, warmup_epochs,
@@ -76,12 +84,10 @@ class GlintModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: nn.Module = instantiate(
-            {k: v for k, v in model.items() if k not in ("freeze", "unfreeze_at_epoch")}
-        )
+        self.model: nn.Module = instantiate(model)
         self.loss_fn: nn.Module = instantiate(loss)
-        self.register_buffer("depth_mean", torch.tensor(0.0))
-        self.register_buffer("depth_std", torch.tensor(1.0))
+        self.depth_input = DepthInput()
+        self._register_load_state_dict_pre_hook(_rename_old_depth_buffers)
         self.val_metrics = pixel_metrics("val", threshold, ap_bins)
         self.test_metrics = pixel_metrics("test", threshold, ap_bins)
         self.test_objects = ObjectMetric(threshold)  # glint-level counts: CPU work per tile, so test stage only
@@ -101,8 +107,15 @@ class GlintModule(L.LightningModule):
 
     def set_depth_stats(self, mean: float, std: float) -> None:
         """Normalisation statistics of the training data; part of the state dict so inference reuses them."""
-        self.depth_mean.fill_(mean)
-        self.depth_std.fill_(std)
+        self.depth_input.set_statistics(mean, std)
+
+    @property
+    def depth_mean(self) -> torch.Tensor:
+        return self.depth_input.mean
+
+    @property
+    def depth_std(self) -> torch.Tensor:
+        return self.depth_input.std
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> GlintModule:
@@ -111,19 +124,17 @@ class GlintModule(L.LightningModule):
 
     @classmethod
     def from_checkpoint_dict(cls, ckpt: dict[str, Any], map_location: str | torch.device = "cpu") -> GlintModule:
-        """from_checkpoint for a checkpoint already loaded (with resume.load_checkpoint)."""
+        """from_checkpoint for a checkpoint already loaded (with checkpoints.reader.load_checkpoint)."""
         hparams = dict(ckpt["hyper_parameters"])
-        hparams["model"] = {**hparams["model"], **({"pretrained": None} if "pretrained" in hparams["model"] else {})}
+        hparams["model"] = network_config(hparams["model"])
         module = cls(**hparams)
         module.load_state_dict(ckpt["state_dict"])
         return module.to(map_location).eval()
 
     def _network(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Normalise, zero invalid pixels, pad to the network's stride (any tile or frame size works for any network
-        that meets the contract in models/common.py), run, crop back."""
-        x = (depth - self.depth_mean) / self.depth_std
-        x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
-        return crop(self.model(pad_to_multiple(x, network_stride(self.model))), x.shape[-2:])
+        """Normalise, zero invalid pixels, run on any tile or frame size (padded to the network's stride and cropped
+        back, for any network that meets the contract in models/common.py)."""
+        return forward_any_size(self.model, self.depth_input(depth, valid))
 
     def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Depth in mm (B, 1, H, W) and validity -> logits (B, 1, H, W); invalid pixels enter as 0."""
@@ -199,14 +210,6 @@ class GlintModule(L.LightningModule):
         self.log_dict(
             {f"{self.test_label}/object_{k}": values[k] for k in OBJECT_METRICS}, sync_dist=True, reduce_fx="max"
         )
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        freeze = self.hparams.model.get("freeze") or []
-        if not freeze:
-            return []
-        lr_mult = self.hparams.optimizer.get("lr_mult") or {}
-        unfreeze = self.hparams.model.get("unfreeze_at_epoch")
-        return [FreezeParts(freeze, unfreeze, base_lr=self.hparams.optimizer["lr"], lr_mult=lr_mult)]
 
     def _param_groups(self, lr: float, lr_mult: Mapping[str, float]) -> list[dict[str, Any]] | list[nn.Parameter]:
         """Trainable parameters; with `lr_mult`, one named group per part at lr x mult, plus `rest` at lr."""

@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.callbacks import CheckpointOnInterrupt, ResumeSchedule
 from glint_lightning.checkpoints.io import remove_stale_temporaries
+from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.checkpoints.resume import (
     check_length,
     check_resumable,
-    load_checkpoint,
     plan_resume,
     resolve_resume,
 )

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from glint_lightning.checkpoints.resume import load_checkpoint
+from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.data import GlintDataModule
 from glint_lightning.eval import build_data, evaluate
 from glint_lightning.inference.calibration import calibrate_threshold, predictions

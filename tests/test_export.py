@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from glint_lightning.checkpoints.exported import load_module
+from glint_lightning.checkpoints.reader import network_config
 from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.module import GlintModule
 from glint_lightning.train import train
@@ -42,7 +43,7 @@ def test_pth_has_the_old_scripts_keys_and_loads_into_the_network(trained_ckpt, t
     payload = torch.load(tmp_path / "m.pth", weights_only=True)
     assert {"epoch", "model_state_dict", "optimizer_state_dict", "train_args", "metrics", "timestamp"} <= set(payload)
     assert payload["train_args"]["model"] == payload["model_config"] and payload["depth_std"] > 1
-    net = instantiate({k: v for k, v in payload["model_config"].items() if k not in ("freeze", "unfreeze_at_epoch")})
+    net = instantiate(network_config(payload["model_config"]))
     net.load_state_dict(payload["model_state_dict"])  # what train_glint_unet.py users do
     assert payload["tile_size"] == [32, 32] and payload["loss_config"]["_target_"].startswith("glint_lightning.")
     module, loaded = GlintModule.from_checkpoint(str(trained_ckpt)), load_module(tmp_path / "m.pth")

@@ -23,7 +23,7 @@ def _last(run_dir):
 
 
 def test_frozen_backbone_is_unchanged_and_its_batchnorm_stays_in_eval(make_cfg, tmp_path):
-    cfg = make_cfg(*DEEPLAB, "model.freeze=[backbone]", "trainer.max_epochs=1")
+    cfg = make_cfg(*DEEPLAB, "callbacks.freeze.parts=[backbone]", "trainer.max_epochs=1")
     torch.manual_seed(0)
     before = _state(build_module(cfg).model)  # train() seeds the same way, so it starts from these weights
     train(cfg)
@@ -40,8 +40,8 @@ def test_unfreezing_at_an_epoch_adds_the_part_with_its_lr_multiplier(make_cfg, t
     train(
         make_cfg(
             *DEEPLAB,
-            "model.freeze=[backbone]",
-            "model.unfreeze_at_epoch=1",
+            "callbacks.freeze.parts=[backbone]",
+            "callbacks.freeze.unfreeze_at_epoch=1",
             "trainer.max_epochs=3",
             "optimizer.lr=0.002",
             "optimizer.lr_mult={backbone: 0.1}",
@@ -76,8 +76,8 @@ def test_lr_multipliers_make_named_param_groups(make_cfg):
 
 
 def test_unknown_freeze_part_fails_at_start_up(make_cfg):
-    with pytest.raises(GlintError, match="model.freeze: UNet has no part 'backbone'"):
-        train(make_cfg("model.freeze=[backbone]"))
+    with pytest.raises(GlintError, match="callbacks.freeze.parts: UNet has no part 'backbone'"):
+        train(make_cfg("callbacks.freeze.parts=[backbone]"))
 
 
 def test_aux_head_adds_its_weighted_loss(make_cfg, tmp_path):
@@ -147,7 +147,7 @@ def test_multirun_over_the_three_models(tmp_path, cache_dir):
 
 
 def test_resuming_after_the_unfreeze_epoch_keeps_training_the_part(make_cfg, tmp_path):
-    common = [*DEEPLAB, "model.freeze=[backbone]", "model.unfreeze_at_epoch=1", "scheduler=none"]
+    common = [*DEEPLAB, "callbacks.freeze.parts=[backbone]", "callbacks.freeze.unfreeze_at_epoch=1", "scheduler=none"]
     train(make_cfg(*common, "trainer.max_epochs=2"))
     before = _last(tmp_path / "run")["state_dict"]
     train(make_cfg(*common, "trainer.max_epochs=3", "ckpt_path=last"))

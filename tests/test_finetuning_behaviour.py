@@ -47,8 +47,8 @@ def test_unfrozen_batchnorm_learns_again_and_the_new_groups_lrs_are_logged_from_
     monkeypatch.setenv("GLINT_TRUSTED_TARGETS", "tests.")  # the probe below is the user's own code
     modes = tmp_path / "modes.json"
     cfg = make_cfg(
-        "model.freeze=[inc,downs]",
-        "model.unfreeze_at_epoch=1",
+        "callbacks.freeze.parts=[inc,downs]",
+        "callbacks.freeze.unfreeze_at_epoch=1",
         "optimizer.lr_mult={downs: 0.5}",
         "scheduler=none",
         "test=false",

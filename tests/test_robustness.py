@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import glint_lightning.checkpoints.io as checkpoint_io
-from glint_lightning.checkpoints.resume import load_checkpoint
+from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.train import train
 from glint_lightning.utils.errors import GlintError

@@ -311,7 +311,7 @@ def test_a_network_that_breaks_the_contract_is_refused_before_training(make_cfg,
 
 
 def test_training_longer_after_an_unfreeze_keeps_the_unfrozen_parts_group(make_cfg, tmp_path, capsys):
-    common = [*SHORT, "model.freeze=[inc]", "model.unfreeze_at_epoch=1"]
+    common = [*SHORT, "callbacks.freeze.parts=[inc]", "callbacks.freeze.unfreeze_at_epoch=1"]
     train(make_cfg(*common, "trainer.max_epochs=2"))
     train(make_cfg(*common, "trainer.max_epochs=3", "ckpt_path=last"))
     assert "schedule: cosine over 2 -> 3 epochs; continuing at epoch 2" in capsys.readouterr().out

@@ -10,7 +10,8 @@ from torch import nn
 
 from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.export import export
-from glint_lightning.models.common import check_network, pad_to_multiple
+from glint_lightning.models.base import pad_to_multiple
+from glint_lightning.models.common import check_network
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError

@@ -19,7 +19,8 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from torchvision.utils import make_grid
 
-from glint_lightning.models.common import model_part, network_stride
+from glint_lightning.models.base import network_stride
+from glint_lightning.models.common import model_part
 from glint_lightning.utils.errors import GlintError
 
 OPTION = "callbacks.feature_maps.layers"

@@ -1,4 +1,4 @@
-"""Freeze named parts of the network (`model.freeze=[backbone]`), optionally unfreezing them at an epoch.
+"""Freeze named parts of the network (`callbacks.freeze.parts=[backbone]`), optionally unfreezing them at an epoch.
 
 Built on Lightning's BaseFinetuning, which freezes before the optimizer is configured and adds the unfrozen
 parameters as a new param group. What it leaves to us: BatchNorm layers of frozen parts stay in eval mode (running
@@ -10,7 +10,7 @@ glint_lightning.callbacks.lr_monitor.LearningRateMonitor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -22,23 +22,17 @@ from glint_lightning.models.common import model_part
 
 
 class FreezeParts(BaseFinetuning):
-    """Freeze `parts` of `pl_module.model`; unfreeze at `unfreeze_at_epoch` with lr = base_lr x lr_mult[part]."""
+    """Freeze `parts` of `pl_module.model`; unfreeze at `unfreeze_at_epoch` with lr = optimizer.lr x
+    optimizer.lr_mult[part]. With no parts it does nothing at all (it is in the default callbacks)."""
 
-    def __init__(
-        self,
-        parts: Sequence[str],
-        unfreeze_at_epoch: int | None = None,
-        base_lr: float = 1e-3,
-        lr_mult: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, parts: Sequence[str] = (), unfreeze_at_epoch: int | None = None) -> None:
         super().__init__()
-        self.parts, self.unfreeze_at_epoch = list(parts), unfreeze_at_epoch
-        self.base_lr, self.lr_mult = base_lr, dict(lr_mult or {})
+        self.parts, self.unfreeze_at_epoch = list(parts or []), unfreeze_at_epoch
         self._frozen_bn: list[_BatchNorm] = []
         self._unfrozen = False  # saved in checkpoints: loops are restored only after on_fit_start
 
     def _modules(self, pl_module: L.LightningModule) -> dict[str, Any]:
-        return {p: model_part(pl_module.model, p, "model.freeze") for p in self.parts}
+        return {p: model_part(pl_module.model, p, "callbacks.freeze.parts") for p in self.parts}
 
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         modules = self._modules(pl_module)
@@ -52,6 +46,10 @@ class FreezeParts(BaseFinetuning):
         super().load_state_dict(state_dict)
         self._unfrozen = bool(state_dict.get("unfrozen", False))
 
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.parts:  # nothing frozen: no param groups to record (a resume restores Lightning's own)
+            super().on_train_epoch_start(trainer, pl_module)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # restores the param groups of a resumed run
         if self._unfrozen:  # resumed after the unfreeze epoch: the parts train again
@@ -61,8 +59,10 @@ class FreezeParts(BaseFinetuning):
     def finetune_function(self, pl_module: L.LightningModule, epoch: int, optimizer: Optimizer) -> None:
         if self.unfreeze_at_epoch is None or epoch != self.unfreeze_at_epoch:
             return
+        base_lr = float(pl_module.hparams.optimizer["lr"])
+        lr_mult = pl_module.hparams.optimizer.get("lr_mult") or {}
         for part, module in self._modules(pl_module).items():
-            lr = self.base_lr * self.lr_mult.get(part, 1.0)
+            lr = base_lr * float(lr_mult.get(part, 1.0))
             self.unfreeze_and_add_param_group(module, optimizer, lr=lr, train_bn=True)
             optimizer.param_groups[-1]["name"] = part  # what LearningRateMonitor calls the group
         for bn in self._frozen_bn:  # put in eval by on_train_batch_start: statistics learn again

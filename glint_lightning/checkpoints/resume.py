@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from glint_lightning.checkpoints.reader import TRAINING_KEYS, load_checkpoint
 from glint_lightning.runs import slurm
 from glint_lightning.utils.errors import GlintError
-from glint_lightning.utils.trust import check_stored_config
 
 LAST = "last.ckpt"
 
@@ -65,24 +61,6 @@ def resolve_resume(value: str | None, run_dir: Path, outputs_root: Path) -> Path
     return last
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with weights_only=True (no code runs) and refuse untrusted stored `_target_`s; a clear error for files
-    that are not our checkpoints."""
-    if not Path(path).is_file():
-        raise GlintError(f"{path}: no such file; pass an existing .ckpt (see outputs/<run>/checkpoints/)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GlintError(
-            f"{path}: not a loadable checkpoint ({first}); pass a .ckpt written by glint_lightning"
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise GlintError(f"{path}: not a Lightning checkpoint (no state_dict); pass a .ckpt written by glint_lightning")
-    check_stored_config(ckpt, str(path))
-    return ckpt
-
-
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, Mapping):
         out: dict[str, Any] = {}
@@ -103,7 +81,9 @@ def config_differences(stored: Mapping[str, Any], composed: Mapping[str, Any]) -
 
 
 def check_resumable(path: Path, model_cfg: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Refuse a checkpoint whose stored model config differs from the composed one (keys in `ignore` aside)."""
+    """Refuse a checkpoint whose stored model config differs from the composed one (keys in `ignore` aside, and the
+    training keys older checkpoints kept there)."""
+    ignore = (*ignore, *TRAINING_KEYS)
     ckpt = load_checkpoint(path)
     stored = (ckpt.get("hyper_parameters") or {}).get("model")
     if stored is None:

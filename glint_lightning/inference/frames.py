@@ -23,7 +23,7 @@ from glint_lightning.inference.tiling import (
     window_starts,
     with_tta,
 )
-from glint_lightning.models.common import network_stride
+from glint_lightning.models.base import network_stride
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.errors import GlintError
 

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 
-from glint_lightning.models.common import batchnorm_to_groupnorm, crop, pad_to_multiple
+from glint_lightning.models.base import SegmentationNetwork
+from glint_lightning.models.common import batchnorm_to_groupnorm
 from glint_lightning.models.pretrained import apply_pretrained
 from glint_lightning.utils.errors import GlintError
 
@@ -105,7 +106,7 @@ class Encoder(nn.Module):
         return feats
 
 
-class BackboneSegmenter(nn.Module):
+class BackboneSegmenter(SegmentationNetwork):
     """What DeepLabV3Plus and FCN share: an Encoder `backbone`, an optional auxiliary head on the stride-16
     features, GroupNorm heads, and pretrained loading. Each defines `_decode(feats) -> low-resolution logits`."""
 
@@ -130,6 +131,3 @@ class BackboneSegmenter(nn.Module):
             aux = F.interpolate(self.aux_head(feats[2]), size=x.shape[-2:], mode="bilinear", align_corners=False)
             return {"out": out, "aux": aux}
         return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
-        return crop(self.forward_padded(pad_to_multiple(x, self.stride)), x.shape[-2:])

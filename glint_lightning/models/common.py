@@ -9,32 +9,18 @@ Nothing else is required (no `forward_padded`); `check_network` tests it on a ti
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from glint_lightning.models.base import declared_stride
 from glint_lightning.utils.errors import GlintError
-
-
-def _declared_stride(net: nn.Module) -> int | None:
-    """`net.stride` as an int (1 when absent; torch layers' (s, s) as s), or None when it is not a positive int."""
-    stride = getattr(net, "stride", 1)
-    if isinstance(stride, tuple) and len(set(stride)) == 1:  # a bare torch layer as the network, e.g. Conv2d
-        stride = stride[0]
-    return stride if isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1 else None
-
-
-def network_stride(net: nn.Module) -> int:
-    """The network's declared `stride` (1 when it declares none): input sizes must be multiples of it."""
-    return _declared_stride(net) or 1
 
 
 def check_network(net: nn.Module, source: str) -> None:
     """Refuse, with one line naming `source` (e.g. "model._target_=mylab.Net"), a network that breaks the contract:
     a `stride` that is not a positive int, or not (B, 1, H, W) logits from a probe of size 2 x stride."""
-    stride = _declared_stride(net)
+    stride = declared_stride(net)
     if stride is None:
         raise GlintError(
             f"{source}: stride={getattr(net, 'stride', None)!r}; a network's stride must be a positive int (or left "
@@ -68,26 +54,6 @@ def check_network(net: nn.Module, source: str) -> None:
         f"{source}: returned {got} for a (2, 1, {2 * stride}, {2 * stride}) input; a network returns (B, 1, H, W) "
         "float logits (or a dict with them under 'out')"
     )
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad the bottom/right edges so H and W are multiples of `multiple` (crop back with [..., :h, :w]).
-
-    Written for TorchScript too: the exported models pad any input size at run time with it.
-    """
-    h, w = x.shape[-2], x.shape[-1]
-    pad_h, pad_w = (multiple - h % multiple) % multiple, (multiple - w % multiple) % multiple
-    if pad_h == 0 and pad_w == 0:
-        return x
-    return F.pad(x, [0, pad_w, 0, pad_h], mode="replicate")
-
-
-def crop(out: torch.Tensor | dict[str, torch.Tensor], size: Sequence[int]) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Crop logits (or each entry of {"out", "aux"}) back to the input's (h, w)."""
-    h, w = size
-    if isinstance(out, dict):
-        return {k: v[..., :h, :w] for k, v in out.items()}
-    return out[..., :h, :w]
 
 
 def batchnorm_to_groupnorm(module: nn.Module, groups: int) -> nn.Module:

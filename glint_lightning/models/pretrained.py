@@ -8,11 +8,8 @@ channels; a one-line report says what was loaded, adapted, skipped for shape and
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
 import urllib.error
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from glint_lightning.checkpoints.reader import read_safetensors, read_torch_file
 from glint_lightning.utils.errors import GlintError
-from glint_lightning.utils.trust import check_stored_config, check_targets
 
 log = logging.getLogger(__name__)
 
@@ -58,44 +55,6 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return weight.repeat(1, reps, 1, 1)[:, :in_channels] * (weight.shape[1] / in_channels)
 
 
-def sidecar_path(weights: str | Path) -> Path:
-    """The JSON file beside a .safetensors file that says what network its tensors belong to."""
-    return Path(weights).with_suffix(".json")
-
-
-def read_sidecar(weights: str | Path, required: bool) -> dict[str, Any] | None:
-    """The sidecar of a .safetensors file, its `_target_`s checked before anything is built from it; None when
-    there is none and it is not `required`."""
-    path = sidecar_path(weights)
-    if not path.is_file():
-        if required:
-            raise GlintError(
-                f"{weights}: no sidecar {path} (model config, depth statistics, threshold); keep the .json that "
-                "glint-export format=safetensors wrote beside it"
-            )
-        return None
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GlintError(f"{path}: not JSON ({err}); pass the sidecar glint-export wrote") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
-        raise GlintError(f"{path}: no model_config; pass the sidecar glint-export format=safetensors wrote")
-    check_targets({k: meta.get(k) or {} for k in ("model_config", "loss_config")}, str(path))
-    return meta
-
-
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors from a .safetensors file (no unpickler runs); a sidecar beside it, if any, must be trusted."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    read_sidecar(path, required=False)
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise GlintError(f"{path}: not a readable .safetensors file ({err})") from None
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a .pth/.ckpt file, loaded with weights_only=True (Lightning's `model.` prefix removed), or from
     a .safetensors file."""
@@ -106,12 +65,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         )
     if path.suffix == ".safetensors":
         return {k.removeprefix("module."): v for k, v in read_safetensors(path).items()}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as err:
-        raise GlintError(f"{path}: not a weights file torch.load(weights_only=True) accepts ({err})") from None
-    if isinstance(obj, dict):  # nothing is built from it, but a file that names untrusted code is not used at all
-        check_stored_config(obj, f"model.pretrained={path}")
+    # nothing is built from the file, but one that names untrusted code is not used at all
+    obj = read_torch_file(path, "a weights file (.pth state dict or .ckpt)", source=f"model.pretrained={path}")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning checkpoint
         obj = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
     elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):  # train_glint_unet.py checkpoint

@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
-from glint_lightning.models.common import pad_to_multiple
+from glint_lightning.models.base import SegmentationNetwork
 from glint_lightning.models.pretrained import apply_pretrained
 from glint_lightning.utils.errors import GlintError
 
 
-class SMPModel(nn.Module):
+class SMPModel(SegmentationNetwork):
     """`smp.create_model(arch, encoder_name=encoder, ...)`; inputs padded to a multiple of 32 and cropped back.
 
     Args:
@@ -56,7 +55,3 @@ class SMPModel(nn.Module):
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        return self.net(pad_to_multiple(x, self.stride))[..., :h, :w]

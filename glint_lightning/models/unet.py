@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from glint_lightning.models.common import pad_to_multiple
+from glint_lightning.models.base import SegmentationNetwork
 from glint_lightning.models.options import ModelOptionError
 from glint_lightning.models.pretrained import apply_pretrained
 
@@ -55,7 +55,7 @@ class Up(nn.Module):
         return self.conv(torch.cat([self.up(x), skip], dim=1))
 
 
-class UNet(nn.Module):
+class UNet(SegmentationNetwork):
     """Ronneberger-style U-Net; any input size works (padded to a multiple of 2**depth, cropped back).
 
     Args:
@@ -128,7 +128,3 @@ class UNet(nn.Module):
         for up in self.ups:
             y = up(y, skips.pop())
         return self.head(y)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        return self.forward_padded(pad_to_multiple(x, self.multiple))[..., :h, :w]
