@@ -23,7 +23,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from tests.conftest import RankReport
+from tests.helpers import RankReport
 
 PACKAGES = "slurmctld slurmd slurm-client munge"
 BINARIES = ("munged", "slurmctld", "slurmd", "sinfo", "sbatch", "srun", "scontrol", "squeue", "scancel")

@@ -61,13 +61,13 @@ def _tv_features(tv, x):
 
 @pytest.mark.parametrize("name, ctor", [("resnet18", tvm.resnet18), ("mobilenet_v2", tvm.mobilenet_v2)])
 @pytest.mark.parametrize("cin", [1, 6])
-def test_rgb_weights_adapted_to_depth_input_give_the_same_features(tmp_path, capsys, name, ctor, cin):
+def test_rgb_weights_adapted_to_depth_input_give_the_same_features(tmp_path, capsys, name, ctor, cin, glint_log):
     torch.manual_seed(0)
     tv = ctor(weights=None).eval()
     path = tmp_path / f"{name}.pth"
     torch.save(tv.state_dict(), path)  # a local torchvision weights file ("pretrained", randomly initialised)
     net = FCN(name, "32s", in_channels=cin, pretrained=str(path)).eval()
-    assert "adapted 1 (" in capsys.readouterr().out
+    assert "adapted 1 (" in glint_log()
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -81,7 +81,7 @@ def test_adapt_input_conv_rule():
     torch.testing.assert_close(adapt_input_conv(w, 6), torch.cat([w, w], 1) / 2)
 
 
-def test_loading_keeps_matching_keys_and_reports_the_rest(tmp_path, capsys):
+def test_loading_keeps_matching_keys_and_reports_the_rest(tmp_path, capsys, glint_log):
     src = UNet(base_channels=4, depth=2)
     state = src.state_dict()
     state["head.weight"] = torch.randn(3, 4, 1, 1)  # wrong shape
@@ -90,7 +90,7 @@ def test_loading_keeps_matching_keys_and_reports_the_rest(tmp_path, capsys):
     path = tmp_path / "w.pth"
     torch.save({"epoch": 3, "model_state_dict": state}, path)  # the old script's checkpoint layout
     dst = UNet(base_channels=4, depth=2, pretrained=str(path))
-    out = capsys.readouterr().out
+    out = glint_log()
     assert f"pretrained {path}: loaded {len(state) - 2}," in out
     assert "skipped for shape 1 (head.weight)" in out and "missing 1 (inc.0.weight)" in out
     assert "unused 1 (extra.weight)" in out

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 FAST = [*TINY, "trainer.max_epochs=1", "test=false", "callbacks.prediction_images.every_n_epochs=1"]
 FAST_H5 = [arg for arg in FAST if not arg.startswith("data.demo.")]  # data=h5 has no demo block
@@ -65,7 +65,7 @@ def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env)
         env=env,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resuming this run in place from {run}/checkpoints/last.ckpt" in res.stdout
+    assert f"resuming this run in place from {run}/checkpoints/last.ckpt" in res.stderr, "logged to the console"
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
 
 

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from glint_lightning.train import build_module
 from glint_lightning.utils.config_dir import CONFIG_DIR
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 CONF = Path(CONFIG_DIR)
 OVERLAYS = ("experiment", "hparams_search", "debug")  # @package _global_ groups with no default option

@@ -14,7 +14,7 @@ import pytest
 from glint_lightning.callbacks.progress import EpochLines, RichProgress, console_progress
 from glint_lightning.callbacks.summary import format_summary
 from glint_lightning.train import train
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 # TINY without what this file checks: the default progress setting and Lightning's own model summary switch.
 PLAIN = [a for a in TINY if not a.startswith(("callbacks.progress.", "+trainer.enable_model_summary"))]

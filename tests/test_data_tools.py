@@ -13,7 +13,7 @@ from glint_lightning.data.demo import synth_tile
 from glint_lightning.train import train
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import random_tiles, run_cli, write_tiles
+from tests.helpers import random_tiles, run_cli, write_tiles
 
 
 def test_index_ranges():

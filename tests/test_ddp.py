@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.helpers import REPO, TINY, run_cli
 
 DDP = [arg for arg in TINY if not arg.startswith(("trainer.devices", "trainer.accelerator"))]
 DDP += ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "test=false", "hydra.run.dir=outputs/ddp"]
@@ -21,7 +21,7 @@ def test_two_cpu_ranks_train_disjoint_shards_to_identical_weights_and_resume(tmp
     }
     report = [
         "trusted_targets=[tests.]",
-        "+callbacks.report._target_=tests.conftest.RankReport",
+        "+callbacks.report._target_=tests.helpers.RankReport",
         f"+callbacks.report.out={tmp_path}/first",
     ]
     res = run_cli("glint_lightning.train", *DDP, "trainer.max_epochs=1", *report, cwd=tmp_path, env=env)
@@ -40,7 +40,7 @@ def test_two_cpu_ranks_train_disjoint_shards_to_identical_weights_and_resume(tmp
 
     report = [
         "trusted_targets=[tests.]",
-        "+callbacks.report._target_=tests.conftest.RankReport",
+        "+callbacks.report._target_=tests.helpers.RankReport",
         f"+callbacks.report.out={tmp_path}/second",
     ]
     res = run_cli(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 # TINY minus its epoch count: each debug option sets its own.
 SMALL = [a for a in TINY if not a.startswith("trainer.max_epochs")]

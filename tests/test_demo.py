@@ -2,7 +2,7 @@ import h5py
 import numpy as np
 
 from glint_lightning.data.demo import cached_demo, demo_folder, make_demo
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _read(path):

@@ -19,7 +19,7 @@ from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.module import GlintModule
 from glint_lightning.train import train
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 class Marker(nn.Module):

@@ -9,7 +9,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from glint_lightning.module import GlintModule
 from glint_lightning.train import build_module, train
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 DEEPLAB = ["model=deeplabv3plus", "test=false"]
 

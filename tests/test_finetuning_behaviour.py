@@ -20,7 +20,7 @@ from glint_lightning.callbacks import FeatureMaps
 from glint_lightning.train import build_module, train
 from glint_lightning.utils.errors import GlintError
 
-STEPS_PER_EPOCH = 6  # 48 training tiles in batches of 8 (tests/conftest.py TINY)
+STEPS_PER_EPOCH = 6  # 48 training tiles in batches of 8 (tests/helpers.py TINY)
 
 
 class NormModes(L.Callback):

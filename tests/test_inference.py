@@ -9,7 +9,7 @@ import torch
 
 from glint_lightning.inference.frames import FramePredictor, gaussian_importance, window_starts
 from glint_lightning.module import GlintModule
-from tests.conftest import pointwise_module, run_cli
+from tests.helpers import pointwise_module, run_cli
 
 
 def test_gaussian_importance_map():

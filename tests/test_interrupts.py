@@ -9,7 +9,7 @@ import torch
 
 from glint_lightning.train import train
 from glint_lightning.utils.errors import Interrupted
-from tests.conftest import Crash
+from tests.helpers import Crash
 
 # 48 training tiles in batches of 8: 6 steps an epoch. Dropout, augmentation noise and a schedule make any
 # replayed or skipped batch, or lost optimizer state, show in the weights.
@@ -24,7 +24,7 @@ EXACT = [
 
 @pytest.fixture(autouse=True)
 def trust_test_callbacks(monkeypatch):
-    """The signal and crash callbacks below live in tests.conftest: the user's own code, trusted as a user would."""
+    """The signal and crash callbacks below live in tests.helpers: the user's own code, trusted as a user would."""
     monkeypatch.setenv("GLINT_TRUSTED_TARGETS", "tests.")
 
 
@@ -38,7 +38,7 @@ def terminal_sigint():
 
 def _stop_at(step: int, signum: int) -> list[str]:
     return [
-        "+callbacks.stop._target_=tests.conftest.SignalAtStep",
+        "+callbacks.stop._target_=tests.helpers.SignalAtStep",
         f"+callbacks.stop.step={step}",
         f"+callbacks.stop.signum={int(signum)}",
     ]
@@ -91,7 +91,7 @@ def test_a_crash_after_a_step_checkpoint_resumes_exactly(make_cfg, tmp_path, hoo
     every_step = [*EXACT, "callbacks.step_checkpoint.every_n_train_steps=1"]
     train(make_cfg(*EXACT, run="straight"))
     crash = [
-        "+callbacks.crash._target_=tests.conftest.CrashAt",
+        "+callbacks.crash._target_=tests.helpers.CrashAt",
         f"+callbacks.crash.step={step}",
         f"+callbacks.crash.hook={hook}",
     ]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from glint_lightning.checkpoints.reader import load_checkpoint
-from tests.conftest import REPO, TINY
+from tests.helpers import REPO, TINY
 
 EPOCHS, STEPS_PER_EPOCH = 8, 6  # 48 demo tiles in batches of 8
 RUN = [

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, TINY
+from tests.helpers import REPO, TINY
 
 ENTRY_POINTS = {  # console script: module (python -m)
     "glint-train": "glint_lightning.train",

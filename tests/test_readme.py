@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from glint_lightning.utils.config_dir import CONFIG_DIR
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 README = (REPO / "README.md").read_text()
 

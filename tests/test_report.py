@@ -12,7 +12,7 @@ import yaml
 
 from glint_lightning.report import STUDY_POINTER, write_report
 from glint_lightning.runs.optuna_sweep import StudyFile
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _job(sweep: Path, name: str, overrides: list[str], best: float | None = None) -> Path:

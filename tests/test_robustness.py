@@ -11,7 +11,7 @@ from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.train import train
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(make_cfg, tmp_path, monkeypatch):

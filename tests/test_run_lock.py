@@ -13,7 +13,7 @@ import pytest
 
 from glint_lightning.runs.run_lock import LOCK_NAME, RunDirLocked, RunLock, is_running
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import REPO, TINY, run_cli
+from tests.helpers import REPO, TINY, run_cli
 
 
 def _dead_pid() -> int:
@@ -53,7 +53,7 @@ def test_a_lock_from_another_host_names_the_file_to_delete(tmp_path):
 
 
 @pytest.mark.parametrize("owner", ["dead", "reused pid", "torn"])
-def test_a_dead_runs_lock_is_taken_over_with_a_note(tmp_path, capsys, owner):
+def test_a_dead_runs_lock_is_taken_over_with_a_note(tmp_path, capsys, owner, glint_log):
     if owner == "dead":
         _write_lock(tmp_path, pid=_dead_pid())
     elif owner == "reused pid":  # a live pid that started after the lock was written belongs to someone else
@@ -62,7 +62,7 @@ def test_a_dead_runs_lock_is_taken_over_with_a_note(tmp_path, capsys, owner):
         tmp_path.joinpath(LOCK_NAME).write_text("")  # killed between creating the file and writing it
     with RunLock(tmp_path, patience_s=0.1) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    assert f"note: {tmp_path / LOCK_NAME}: took over the lock" in capsys.readouterr().err
+    assert f"note: {tmp_path / LOCK_NAME}: took over the lock" in glint_log()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -107,7 +107,7 @@ def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_
     assert not (run_dir / LOCK_NAME).exists()
 
 
-def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_any_node(tmp_path, monkeypatch, capsys):
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_any_node(tmp_path, monkeypatch, capsys, glint_log):
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
     _write_lock(tmp_path, pid=os.getppid(), host="node7.example", slurm_job="12", slurm_restart=0)
@@ -117,4 +117,4 @@ def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_any_node(tmp
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM ended it before starting the job again
     with RunLock(tmp_path) as lock:
         assert json.loads(lock.path.read_text())["slurm_restart"] == 1
-    assert "took over the lock" in capsys.readouterr().err
+    assert "took over the lock" in glint_log()

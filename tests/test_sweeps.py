@@ -22,7 +22,7 @@ from glint_lightning.report import STUDY_POINTER, write_report
 from glint_lightning.runs.optuna_sweep import ResumableSweep, StudyFile, check_database_url
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 FAST = [*TINY, "trainer.max_epochs=1", "test=false"]
 

@@ -11,7 +11,7 @@ from glint_lightning.inference.frames import FramePredictor, pad_frame
 from glint_lightning.inference.tiling import gaussian_importance, padded_length, tta_transforms, window_starts
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import pointwise_module
+from tests.helpers import pointwise_module
 
 
 def unet(depth: int = 3, seed: int = 0) -> GlintModule:

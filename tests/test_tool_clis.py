@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from glint_lightning.utils.config_dir import CONFIG_DIR
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 TOOLS = {  # module: (config name, console script)
     "glint_lightning.predict": ("predict", "glint-predict"),

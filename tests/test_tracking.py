@@ -9,7 +9,7 @@ import numpy as np
 
 from glint_lightning.runs.provenance import file_fingerprint
 from glint_lightning.train import train
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_mlflow_logger_records_params_and_metrics_locally(make_cfg, tmp_path):

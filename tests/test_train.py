@@ -106,7 +106,7 @@ def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_resume_is_exact(make_cfg, tmp_path, capsys):
+def test_resume_is_exact(make_cfg, tmp_path, capsys, glint_log):
     common = [
         "trainer.deterministic=true",
         "scheduler=exponential",
@@ -118,8 +118,8 @@ def test_resume_is_exact(make_cfg, tmp_path, capsys):
     train(make_cfg(*common, "trainer.max_epochs=2", run="split"))
     capsys.readouterr()
     train(make_cfg(*common, "trainer.max_epochs=4", "ckpt_path=last", run="split"))
-    out, err = capsys.readouterr()
-    assert "schedule:" not in out and "warning:" not in err, "the same settings resume as stored"
+    err = capsys.readouterr().err
+    assert "schedule:" not in glint_log() and "warning:" not in err, "the same settings resume as stored"
     straight = _weights(tmp_path / "straight/checkpoints/last.ckpt")
     resumed = _weights(tmp_path / "split/checkpoints/last.ckpt")
     assert torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4 * 6
@@ -130,12 +130,12 @@ def test_resume_is_exact(make_cfg, tmp_path, capsys):
     assert len(list((tmp_path / "split/tensorboard").glob("events.*"))) == 2, "resumed logs append to the same dir"
 
 
-def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg, tmp_path, capsys):
+def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg, tmp_path, capsys, glint_log):
     train(make_cfg("trainer.max_epochs=1", "test=false", run="first"))
     first_last = tmp_path / "first/checkpoints/last.ckpt"
     before = first_last.read_bytes()
     train(make_cfg("trainer.max_epochs=2", "test=false", "ckpt_path=last", run="second"))
-    assert f"resuming from the newest last.ckpt under {tmp_path}/: {first_last}" in capsys.readouterr().out
+    assert f"resuming from the newest last.ckpt under {tmp_path}/: {first_last}" in glint_log()
     assert torch.load(tmp_path / "second/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
     assert first_last.read_bytes() == before, "the earlier run's checkpoint is left alone"
 
@@ -235,12 +235,14 @@ def _fresh_schedule_lrs(cfg, epochs):
     ],
     ids=["cosine", "warmup", "weights-only"],
 )
-def test_training_longer_continues_the_schedule_for_the_new_length(make_cfg, tmp_path, capsys, variant, line):
+def test_training_longer_continues_the_schedule_for_the_new_length(
+    make_cfg, tmp_path, capsys, variant, line, glint_log
+):
     train(make_cfg(*SHORT, *variant, "trainer.max_epochs=2"))
     capsys.readouterr()
     longer = make_cfg(*SHORT, *variant, "trainer.max_epochs=4", "ckpt_path=last")
     train(longer)
-    assert line in capsys.readouterr().out
+    assert line in glint_log()
     expected, final = _fresh_schedule_lrs(longer, 4)
     assert _epoch_lrs(tmp_path / "run")[2:] == pytest.approx(expected[2:], rel=1e-5), "where the 4-epoch curve is"
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
@@ -251,7 +253,7 @@ def test_training_longer_continues_the_schedule_for_the_new_length(make_cfg, tmp
         assert final == pytest.approx(1e-6), "the cosine ends at eta_min, not back at the full learning rate"
 
 
-def test_resume_names_other_differences_and_applies_them(make_cfg, tmp_path, capsys):
+def test_resume_names_other_differences_and_applies_them(make_cfg, tmp_path, capsys, glint_log):
     train(make_cfg(*SHORT, "trainer.max_epochs=1"))
     capsys.readouterr()
     train(
@@ -270,7 +272,7 @@ def test_resume_names_other_differences_and_applies_them(make_cfg, tmp_path, cap
         "warning: resuming with settings that differ from the checkpoint's; this run's apply from epoch 1: "
         "optimizer.weight_decay: 0.0 -> 0.01; loss: HybridLoss -> BCELoss; data.batch_size: 8 -> 16"
     ]
-    assert "schedule: cosine over 1 -> 2 epochs; continuing at epoch 1" in out
+    assert "schedule: cosine over 1 -> 2 epochs; continuing at epoch 1" in glint_log()
     ckpt = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert ckpt["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.01, "this run's value applies"
     assert any(float(s["step"]) == 4 for s in ckpt["optimizer_states"][0]["state"].values()), "Adam moments kept"
@@ -310,16 +312,16 @@ def test_a_network_that_breaks_the_contract_is_refused_before_training(make_cfg,
     assert not (tmp_path / "run" / "train.lock").exists(), "the run dir's lock is released on errors"
 
 
-def test_training_longer_after_an_unfreeze_keeps_the_unfrozen_parts_group(make_cfg, tmp_path, capsys):
+def test_training_longer_after_an_unfreeze_keeps_the_unfrozen_parts_group(make_cfg, tmp_path, capsys, glint_log):
     common = [*SHORT, "callbacks.freeze.parts=[inc]", "callbacks.freeze.unfreeze_at_epoch=1"]
     train(make_cfg(*common, "trainer.max_epochs=2"))
     train(make_cfg(*common, "trainer.max_epochs=3", "ckpt_path=last"))
-    assert "schedule: cosine over 2 -> 3 epochs; continuing at epoch 2" in capsys.readouterr().out
+    assert "schedule: cosine over 2 -> 3 epochs; continuing at epoch 2" in glint_log()
     groups = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
     assert [g.get("name") for g in groups["param_groups"]] == [None, "inc"]
 
 
-def test_resume_with_another_optimizer_starts_its_state_fresh(make_cfg, tmp_path, capsys):
+def test_resume_with_another_optimizer_starts_its_state_fresh(make_cfg, tmp_path, capsys, glint_log):
     train(make_cfg(*SHORT, "trainer.max_epochs=1"))
     capsys.readouterr()
     train(make_cfg(*SHORT, "trainer.max_epochs=2", "optimizer=sgd", "ckpt_path=last"))
@@ -327,7 +329,7 @@ def test_resume_with_another_optimizer_starts_its_state_fresh(make_cfg, tmp_path
     assert "this run's apply from epoch 1: optimizer: Adam -> SGD" in err
     assert (
         "schedule: cosine over 1 -> 2 epochs; continuing at epoch 1 (lr 5.0e-03); the optimizer state starts fresh "
-        "(Adam -> SGD)" in out
+        "(Adam -> SGD)" in glint_log()
     )
     state = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
     assert state["param_groups"][0]["momentum"] == 0.9

@@ -12,7 +12,7 @@ import torch
 
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.trust import check_targets, trust, untrusted_targets
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 PAYLOAD = "tests.payloads.write_marker"
 

@@ -16,7 +16,7 @@ from glint_lightning.module import GlintModule
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.trust import UntrustedTarget
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 HERE = "tests.test_user_network"
 

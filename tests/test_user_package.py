@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 NETS = '''
 import torch

@@ -18,6 +18,10 @@ import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
+from glint_lightning.utils.log import get_logger
+
+log = get_logger(__name__)
+
 
 class ResumeSchedule(L.Callback):
     """Advance the fresh schedulers by `steps`, then make the checkpoint's optimizer/scheduler state match them.
@@ -71,7 +75,7 @@ class ResumeSchedule(L.Callback):
         if trainer.is_global_zero:
             lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
             fresh = f"; the optimizer state starts fresh ({fresh})" if fresh else ""
-            print(f"schedule: {self.schedule}; continuing at {self.at} (lr {lr:.1e}){fresh}", flush=True)
+            log.info(f"schedule: {self.schedule}; continuing at {self.at} (lr {lr:.1e}){fresh}")
 
 
 def _fits(stored: dict[str, Any], live: dict[str, Any], extra_groups: bool) -> bool:

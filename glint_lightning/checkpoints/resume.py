@@ -10,6 +10,10 @@ from typing import Any
 from glint_lightning.checkpoints.reader import TRAINING_KEYS, load_checkpoint
 from glint_lightning.runs import slurm
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.log import get_logger
+from glint_lightning.utils.options import is_unset
+
+log = get_logger(__name__)
 
 LAST = "last.ckpt"
 
@@ -20,12 +24,12 @@ def resolve_ckpt_path(value: str | None, ckpt_dir: Path, outputs_root: Path) -> 
     Lightning's own `ckpt_path="last"` only looks in the current checkpoint dir and quietly starts from scratch
     when it finds nothing; Hydra gives every run a new dir, so we resolve it here and fail loudly instead.
     """
-    if value is None or str(value) in ("", "null", "none"):
+    if is_unset(value):
         return None
     if str(value) == "last":
         here = ckpt_dir / LAST
         if here.is_file():
-            print(f"ckpt_path=last: resuming this run in place from {here}", flush=True)
+            log.info(f"ckpt_path=last: resuming this run in place from {here}")
             return here
         found = [p for p in outputs_root.rglob(LAST) if p.is_file()] if outputs_root.is_dir() else []
         if not found:
@@ -34,7 +38,7 @@ def resolve_ckpt_path(value: str | None, ckpt_dir: Path, outputs_root: Path) -> 
                 "hydra.run.dir=<earlier run dir> or ckpt_path=/path/to/file.ckpt"
             )
         newest = max(found, key=lambda p: p.stat().st_mtime)
-        print(f"ckpt_path=last: resuming from the newest {LAST} under {outputs_root}/: {newest}", flush=True)
+        log.info(f"ckpt_path=last: resuming from the newest {LAST} under {outputs_root}/: {newest}")
         return newest
     path = Path(str(value)).expanduser()
     if not path.is_file():
@@ -50,13 +54,12 @@ def resolve_resume(value: str | None, run_dir: Path, outputs_root: Path) -> Path
     last = run_dir / "checkpoints" / LAST
     if job is None or not last.is_file():
         if job is not None and slurm.global_rank() == 0:
-            print(f"SLURM {job}: no {LAST} in {run_dir} yet; starting as the first run did", flush=True)
+            log.info(f"SLURM {job}: no {LAST} in {run_dir} yet; starting as the first run did")
         return resolve_ckpt_path(value, run_dir / "checkpoints", outputs_root)
     if slurm.global_rank() == 0:
         ckpt = load_checkpoint(last)
-        print(
-            f"SLURM {job}: resuming from {last} (epoch {finished_epochs(ckpt)}, step {ckpt.get('global_step', 0)})",
-            flush=True,
+        log.info(
+            f"SLURM {job}: resuming from {last} (epoch {finished_epochs(ckpt)}, step {ckpt.get('global_step', 0)})"
         )
     return last
 

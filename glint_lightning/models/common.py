@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from glint_lightning.models.base import declared_stride
+from glint_lightning.models.options import ModelOptionError
 from glint_lightning.utils.errors import GlintError
 
 
@@ -68,7 +69,7 @@ def batchnorm_to_groupnorm(module: nn.Module, groups: int) -> nn.Module:
 
 def check_norm(norm: str) -> None:
     if norm not in ("batch", "group"):
-        raise ValueError(f"model.norm={norm!r}; use batch or group")
+        raise ModelOptionError(f"model.norm={norm!r}; use batch or group")
 
 
 def model_part(model: nn.Module, name: str, option: str) -> nn.Module:

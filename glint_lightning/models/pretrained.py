@@ -8,7 +8,6 @@ channels; a one-line report says what was loaded, adapted, skipped for shape and
 
 from __future__ import annotations
 
-import logging
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,10 @@ from torch import nn
 
 from glint_lightning.checkpoints.reader import read_safetensors, read_torch_file
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.log import get_logger
+from glint_lightning.utils.options import is_unset
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass
@@ -110,7 +111,6 @@ def load_matching(
     if strict and (report.skipped_shape or report.missing or report.unexpected):
         raise GlintError(f"model.strict=true but the weights do not match exactly: {report.summary()}")
     module.load_state_dict(accepted, strict=False)
-    print(report.summary(), flush=True)
     log.info(report.summary())
     return report
 
@@ -129,7 +129,7 @@ def apply_pretrained(
 ) -> LoadReport | None:
     """Load `pretrained` (null | imagenet | path) into the model, or into its torchvision backbone when the
     file's names match the backbone's better (a torchvision weights file)."""
-    if pretrained in (None, "", "null", "none"):
+    if is_unset(pretrained):
         return None
     if str(pretrained) == "imagenet":
         if backbone is None or imagenet is None:

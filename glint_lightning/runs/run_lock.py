@@ -21,6 +21,9 @@ from typing import Any
 
 from glint_lightning.runs import slurm
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.log import get_logger
+
+log = get_logger(__name__)
 
 LOCK_NAME = "train.lock"
 
@@ -155,7 +158,7 @@ class RunLock:
             with contextlib.suppress(FileExistsError):
                 os.link(aside, self.path)
         else:
-            print(f"note: {self.path}: took over the lock ({why})", file=sys.stderr, flush=True)
+            log.warning(f"note: {self.path}: took over the lock ({why})")
         aside.unlink(missing_ok=True)
 
     def release(self) -> None:
