@@ -28,10 +28,12 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def read_torch_file(path: str | Path, what: str, mmap: bool = False, source: str | None = None) -> Any:
-    """`torch.load(path, weights_only=True)` on the CPU; `what` names the expected file in the error line
-    (e.g. "a .ckpt written by glint_lightning"). Dicts are refused when they name untrusted code (`source` names the
-    option the file came from in that error, e.g. "model.pretrained=w.pth")."""
+def read_torch_file(
+    path: str | Path, what: str, noun: str = "torch file", mmap: bool = False, source: str | None = None
+) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU. In the error line `noun` says what the file is not (e.g.
+    "checkpoint") and `what` what to pass instead (e.g. "a .ckpt written by glint_lightning"). Dicts are refused
+    when they name untrusted code (`source` names the option the file came from, e.g. "model.pretrained=w.pth")."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise GlintError(f"{path}: no such file; pass {what}")
@@ -39,7 +41,7 @@ def read_torch_file(path: str | Path, what: str, mmap: bool = False, source: str
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except UNREADABLE as err:
         reason = _first_line(err)
-        raise GlintError(f"{path}: not a file torch.load(weights_only=True) accepts ({reason}); pass {what}") from None
+        raise GlintError(f"{path}: not a loadable {noun} ({reason}); pass {what}") from None
     if isinstance(obj, dict):
         check_stored_config(obj, source or str(path))
     return obj
@@ -86,7 +88,7 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """A Lightning checkpoint written by glint_lightning (memory-mapped: large files open at once)."""
     what = "a .ckpt written by glint_lightning (see outputs/<run>/checkpoints/)"
-    ckpt = read_torch_file(path, what, mmap=True)
+    ckpt = read_torch_file(path, what, "checkpoint", mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise GlintError(f"{path}: not a Lightning checkpoint (no state_dict); pass {what}")
     return ckpt

@@ -67,7 +67,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return {k.removeprefix("module."): v for k, v in read_safetensors(path).items()}
     # nothing is built from the file, but one that names untrusted code is not used at all
-    obj = read_torch_file(path, "a weights file (.pth state dict or .ckpt)", source=f"model.pretrained={path}")
+    obj = read_torch_file(path, "a .pth state dict or a .ckpt", "weights file", source=f"model.pretrained={path}")
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):  # Lightning checkpoint
         obj = {k.removeprefix("model."): v for k, v in obj["state_dict"].items()}
     elif isinstance(obj, dict) and isinstance(obj.get("model_state_dict"), dict):  # train_glint_unet.py checkpoint
