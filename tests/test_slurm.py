@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from glint_lightning.checkpoints.resume import resolve_resume
 from glint_lightning.runs import slurm
 from glint_lightning.utils.errors import EXIT_USER_ERROR
-from tests.conftest import REPO, TINY, run_cli
+from tests.helpers import REPO, TINY, run_cli
 
 if TYPE_CHECKING:
     from tests.slurm import LocalSlurm
@@ -97,19 +97,19 @@ def _ckpt(path: Path, epoch: int, step: int) -> Path:
     return path
 
 
-def test_a_requeued_job_resumes_its_own_last_ckpt_without_ckpt_path(no_slurm, tmp_path, capsys):
+def test_a_requeued_job_resumes_its_own_last_ckpt_without_ckpt_path(no_slurm, tmp_path, glint_log):
     run = tmp_path / "run"
     last = _ckpt(run / "checkpoints" / "last.ckpt", 1, 8)
     no_slurm.setenv("SLURM_JOB_ID", "7")
     assert resolve_resume(None, run, tmp_path) is None, "the job's first run starts afresh"
     no_slurm.setenv("SLURM_RESTART_COUNT", "1")
     assert resolve_resume(None, run, tmp_path) == last
-    assert f"SLURM job 7 (restart 1): resuming from {last} (epoch 1, step 8)" in capsys.readouterr().out
+    assert f"SLURM job 7 (restart 1): resuming from {last} (epoch 1, step 8)" in glint_log()
     other = _ckpt(tmp_path / "other.ckpt", 0, 6)
     assert resolve_resume(str(other), run, tmp_path) == last, "what the first run started from is in last.ckpt"
     last.unlink()
     assert resolve_resume(str(other), run, tmp_path) == other, "killed before its first save: start as it did"
-    assert f"no last.ckpt in {run} yet" in capsys.readouterr().out
+    assert f"no last.ckpt in {run} yet" in glint_log()
 
 
 def test_a_fresh_slurm_job_refuses_a_run_dir_that_holds_a_run(no_slurm, tmp_path, capsys):
@@ -269,7 +269,7 @@ def test_submitit_sweep_runs_each_job_on_slurm_and_requeued_jobs_resume_in_their
     assert sorted(jobs) == ["0", "1", "2"]
     assert [(jobs[n] / "metrics.json").is_file() for n in "012"] == [True, False, True]
     for loss, folder in (("focal", jobs["0"]), ("tversky", jobs["2"])):
-        log = next(sweep_dir.glob(f".submitit/{job[loss]}/*_log.out")).read_text()
+        log = "".join(p.read_text() for p in sorted(sweep_dir.glob(f".submitit/{job[loss]}/*_log.*")))
         last = folder / "checkpoints/last.ckpt"
         assert f"SLURM job {job[loss]} (restart 1): resuming from {last} (epoch 1, step 8)" in log, log[-3000:]
         assert slurm_cluster.job(job[loss])["Restarts"] == "1"
