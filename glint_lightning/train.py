@@ -174,8 +174,8 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> float | No
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(ckpt_dir)
         datamodule.save_description(run_dir / "data.json")
-        data_files = {name: ds.info.path for name, ds in datamodule.datasets.items()}
-        (run_dir / "provenance.json").write_text(json.dumps(provenance(_overrides(), data_files), indent=1))
+        provenance_data = provenance(_overrides(), datamodule.data_files())  # every file of every split
+        (run_dir / "provenance.json").write_text(json.dumps(provenance_data, indent=1))
     started = time.monotonic()
 
     callbacks = [instantiate(cb) for cb in (cfg.get("callbacks") or {}).values() if cb is not None]

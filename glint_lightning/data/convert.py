@@ -25,6 +25,7 @@ from glint_lightning.data.h5 import depth_and_validity
 from glint_lightning.inference.tiling import window_starts
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.options import is_unset
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".npy", ".tif", ".tiff")
@@ -105,7 +106,7 @@ def convert(args: DictConfig) -> dict[str, Any]:
         raise GlintError(f"{src}: no frames")
     which = split_of_frames(n, list(args.split), args.seed)
     rng = np.random.default_rng(args.seed + 1)
-    compression = None if args.compression in (None, "none") else args.compression
+    compression = None if is_unset(args.compression) else args.compression
     paths = {s: out.with_name(f"{out.stem}_{s}{out.suffix or '.h5'}") for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
     with ExitStack() as stack:  # files close first, then each temporary file is renamed into place

@@ -21,7 +21,7 @@ import numpy as np
 from glint_lightning.utils.errors import OptionError
 
 SPLITS = ("train", "val", "test")
-GENERATOR_VERSION = 1  # bump when synth_tile changes, so cached sets are regenerated
+GENERATOR_VERSION = 2  # bump when the files change (2: `frame`), so cached sets are regenerated
 
 
 def _disk(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float) -> np.ndarray:
@@ -111,9 +111,13 @@ def synth_tile(rng: np.random.Generator, size: int, glint_free: bool) -> tuple[n
 
 
 def write_split(path: Path, n: int, size: int, seed: int, glint_free_fraction: float = 0.2) -> None:
-    """Write one split file in the framework's tile format, one tile per HDF5 chunk."""
+    """Write one split file in the framework's tile format, one tile per HDF5 chunk.
+
+    Each tile is its own synthetic frame, recorded in `frame` as glint-convert does, so splits go by frame.
+    """
     rng = np.random.default_rng(seed)
     with h5py.File(path, "w") as f:
+        f.create_dataset("frame", data=np.arange(n, dtype=np.int64))
         depth = f.create_dataset("depth", (n, size, size), dtype="float32", chunks=(1, size, size))
         mask = f.create_dataset("mask", (n, size, size), dtype="uint8", chunks=(1, size, size))
         valid = f.create_dataset("valid", (n, size, size), dtype="bool", chunks=(1, size, size))
