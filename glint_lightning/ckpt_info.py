@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from glint_lightning.checkpoints.resume import load_checkpoint
+from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.utils.errors import exit_on_user_error
 
 
@@ -31,6 +31,7 @@ def describe(path: str | Path) -> dict[str, Any]:
         "threshold": hp.get("threshold"),
         "threshold_calibration": ckpt.get("threshold_calibration"),
         "threshold_from_these_weights": _calibrated_here(ckpt),
+        "postprocess": (ckpt.get("threshold_calibration") or {}).get("postprocess"),  # glint-eval calibrate=true
         "metrics": ckpt.get("metrics", {}),
         "best": {k: (float(v) if v is not None else None) for k, v in best.items()},
         "model": hp.get("model"),
@@ -64,6 +65,21 @@ def _calibration(info: dict[str, Any]) -> str:
     return f" (calibrated with {which}, {weights.get('checkpoint')} at epoch {weights.get('epoch')}, not these: {f1})"
 
 
+def _postprocess(info: dict[str, Any]) -> str:
+    """min_size / fill_holes as eval and predict use them, and how they were chosen; `off` when none is stored."""
+    post = info.get("postprocess")
+    if not post:
+        return "off (none chosen: glint-eval calibrate=true chooses it)"
+    min_size, fill = int(post.get("min_size") or 0), bool(post.get("fill_holes"))
+    chosen = ", ".join([f"min_size={min_size} px"] * (min_size > 1) + ["fill_holes"] * fill) or "off"
+    if "score" not in post:
+        return chosen
+    metric, tiles, without = post.get("metric"), post.get("tiles"), post.get("score_without", float("nan"))
+    if chosen == "off":
+        return f"off (none beat no post-processing on {tiles} val tiles: {metric} {without:.4f})"
+    return f"{chosen} (chosen on {tiles} val tiles: {metric} {post['score']:.4f}, {without:.4f} without)"
+
+
 def format_info(info: dict[str, Any]) -> str:
     metrics = "  ".join(f"{k}={v:.4f}" for k, v in sorted(info["metrics"].items()) if not k.endswith("_step"))
     return "\n".join(
@@ -72,6 +88,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"epoch / step:    {info['epoch']} / {info['global_step']}",
             f"optimizer state: {'yes' if info['has_optimizer_state'] else 'no (weights-only resume)'}",
             f"threshold:       {info['threshold']}{_calibration(info)}",
+            f"post-processing: {_postprocess(info)}",
             f"best:            {info['best']}",
             f"metrics:         {metrics or '-'}",
             f"model:           {info['model']} ({info['parameters'] / 1e6:.2f}M parameters)",

@@ -3,6 +3,9 @@
 Builds the model and data from the config stored in the checkpoint, with the given `data.*` overrides merged over
 it, scores one split through Lightning's test loop (the same `test_step` and metrics as train's test stage, so
 also the same numbers), and prints and writes pixel metrics, glint (object) metrics and a precision-recall curve.
+`ckpt_path` may be an ensemble file from glint-cv (`<name>.ensemble.json`: its members' mean probability); the
+thresholded masks are post-processed (`postprocess.*`, else what the checkpoint or ensemble file records) before
+the pixel and glint metrics score them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from types import MethodType
 from typing import Any
 
 import lightning as L
@@ -24,18 +28,25 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
-from glint_lightning.checkpoints.resume import load_checkpoint
+from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.data import GlintDataModule
-from glint_lightning.inference.calibration import calibrate_threshold, write_threshold
+from glint_lightning.inference.calibration import calibrate_postprocess, write_threshold
+from glint_lightning.inference.ensemble import EnsembleModule, is_ensemble_file, load_ensemble
+from glint_lightning.inference.postprocess import PostProcess, checkpoint_postprocess, resolve_postprocess
+from glint_lightning.inference.tiling import with_tta
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.options import torch_device
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 SPLITS = ("test", "val", "train")
-USAGE = "glint-eval ckpt_path=<file.ckpt> [split=test|val|train] [data.test_path=<file.h5>] (--help for all options)"
+USAGE = (
+    "glint-eval ckpt_path=<file.ckpt or .ensemble.json> [split=test|val|train] [data.test_path=<file.h5>] "
+    "(--help for all options)"
+)
 
 
 class CurveCollector(L.Callback):
@@ -57,19 +68,6 @@ def given(overrides: Any) -> Any:
         return overrides
     kept = {k: given(v) for k, v in overrides.items() if v is not None}
     return {k: v for k, v in kept.items() if v != {}}
-
-
-def torch_device(device: str) -> str:
-    """`device` as torch names it; auto = the GPU when there is one."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise GlintError(f"device={device} but no CUDA GPU is available here; use device=cpu (or auto)")
-        return device
-    raise GlintError(f"device={device}; use auto, cpu, cuda or cuda:<index>")
 
 
 @contextmanager
@@ -115,7 +113,7 @@ def _tiles(datamodule: GlintDataModule, split: str) -> tuple[str, int, str]:
     """(file, tiles scored, phrase saying so) for a split."""
     ds = datamodule.datasets[split]
     part = "" if len(ds) == ds.info.n else f" (of its {ds.info.n}; the rest are other splits)"
-    return ds.info.path, len(ds), f"{len(ds)} tiles of {ds.info.path}{part}"
+    return ds.label, len(ds), f"{len(ds)} tiles of {ds.label}{part}"
 
 
 def _plot_pr_curve(curve: BinaryPrecisionRecallCurve, threshold: float, path: Path, title: str) -> None:
@@ -135,9 +133,67 @@ def _plot_pr_curve(curve: BinaryPrecisionRecallCurve, threshold: float, path: Pa
 def default_out(ckpt_path: Path, split: str, data_overrides: Mapping[str, Any]) -> Path:
     """<run dir>/eval/<checkpoint>-<split>, plus the file's name when data.<split>_path chose another file."""
     name = f"{ckpt_path.stem}-{split}"
+    if is_ensemble_file(ckpt_path):  # <folder>/cv.ensemble.json -> <folder>/eval/cv-<split>
+        name = f"{ckpt_path.name.removesuffix('.ensemble.json')}-{split}"
     if data_overrides.get(f"{split}_path"):
         name += f"-{Path(data_overrides[f'{split}_path']).stem}"
-    return ckpt_path.parent.parent / "eval" / name
+    return (ckpt_path.parent if is_ensemble_file(ckpt_path) else ckpt_path.parent.parent) / "eval" / name
+
+
+def load_scored(
+    ckpt_path: Path, split: str, overrides: Mapping[str, Any]
+) -> tuple[GlintModule, dict[str, Any], PostProcess]:
+    """(module, the stored run config its data comes from, the stored post-processing) of a checkpoint or an
+    ensemble file. An ensemble's data config is its first member's; members trained on different data (the
+    folds of a cross-validation) share only the test split, unless a file is given for the split."""
+    if is_ensemble_file(ckpt_path):
+        module = load_ensemble(ckpt_path)
+        config = module.configs[0]
+        differ = any(_data_without_fold(c) != _data_without_fold(config) for c in module.configs[1:])
+        folds = any(c.get("data", {}) != config.get("data", {}) for c in module.configs[1:])
+        if (differ or folds) and split != "test" and not overrides.get(f"{split}_path"):
+            raise GlintError(
+                f"{ckpt_path}: its members were trained on different {split} tiles (cross-validation folds), so "
+                f"split={split} would score tiles some members trained on; use split=test or data.{split}_path=<file>"
+            )
+        if differ:
+            print(f"note: {ckpt_path}: its members' data configs differ; scoring with the first member's", flush=True)
+        return module, config, module.postprocess
+    ckpt = load_checkpoint(ckpt_path)
+    config = ckpt.get("hyper_parameters", {}).get("config")
+    return GlintModule.from_checkpoint_dict(ckpt), config, checkpoint_postprocess(ckpt, str(ckpt_path))
+
+
+def _data_without_fold(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in (config.get("data") or {}).items() if k != "fold"}
+
+
+def score_postprocessed(module: GlintModule, post: PostProcess) -> None:
+    """Make the module's test loop score post-processed masks: the thresholded prediction (of the test-time
+    augmented probabilities, when set) goes through `post` before the thresholded pixel metrics and the glint
+    metrics see it; the loss and average precision still score the probabilities. Only this module, only its
+    test loop: validation and other modules are untouched."""
+
+    def test_step(self: GlintModule, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        depth, mask, valid = batch["depth"], batch["mask"], batch["valid"]
+        tta = getattr(self, "test_tta", "none")
+        if tta == "none":
+            logits = self(depth, valid)
+            prob = torch.sigmoid(logits)
+        else:
+            prob = with_tta(lambda d, v: torch.sigmoid(self(d, v)), depth, valid, tta, batched=True)
+            logits = torch.logit(prob, eps=1e-6)
+        loss = self.loss_fn(logits, mask, valid)
+        self.log(f"{self.test_label}/loss", loss, on_epoch=True, batch_size=logits.shape[0])
+        kept = post.apply((prob >= float(self.hparams.threshold)) & valid, valid).to(prob.dtype)
+        target = mask[valid].int()
+        for name, metric in self.test_metrics.items():  # each on its own: AP takes the probabilities
+            metric.update((prob if name.endswith("/ap") else kept)[valid], target)
+        self.log_dict(self.test_metrics, on_epoch=True)
+        self.test_objects.update(kept, mask, valid)
+        return {"loss": loss, "logits": logits.detach()}
+
+    module.test_step = MethodType(test_step, module)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -147,24 +203,40 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.split not in SPLITS:
         raise GlintError(f"split={cfg.split}; use split=test, split=val or split=train")
     ckpt_path = Path(cfg.ckpt_path)
-    ckpt = load_checkpoint(ckpt_path)
-    config = ckpt.get("hyper_parameters", {}).get("config")
+    overrides = given(OmegaConf.to_container(cfg.data))
+    module, config, stored_post = load_scored(ckpt_path, cfg.split, overrides)
     if not config or "data" not in config:
         raise GlintError(f"{ckpt_path}: no data config stored; it was not written by glint_lightning.train")
-    overrides = given(OmegaConf.to_container(cfg.data))
     datamodule = build_data(config, overrides, cfg.split)
     device = torch_device(cfg.device)
-    module = GlintModule.from_checkpoint_dict(ckpt)
     result: dict[str, Any] = {"checkpoint": str(ckpt_path), "split": cfg.split}
     if cfg.calibrate:
+        if isinstance(module, EnsembleModule):
+            raise GlintError(
+                f"calibrate=true: {ckpt_path}'s threshold and post-processing were chosen by glint-cv on the "
+                "out-of-fold predictions; run glint-cv again to choose them anew"
+            )
         datamodule.setup_split("val")
-        threshold, f1 = calibrate_threshold(module, datamodule.eval_loader("val", shard=False), device)
-        write_threshold(ckpt_path, threshold, f1)
-        result["calibration"] = {"threshold": threshold, "val_f1": f1, "file": _tiles(datamodule, "val")[0]}
-        module.set_threshold(threshold)
+        metric = cfg.get("optimized_metric") or "iou"
+        cal = calibrate_postprocess(
+            module, datamodule.eval_loader("val", shard=False), device, metric, float(cfg.iou_threshold)
+        )
+        write_threshold(ckpt_path, cal.threshold, cal.val_f1, postprocess=cal.selection.record())
+        result["calibration"] = {
+            "threshold": cal.threshold,
+            "val_f1": cal.val_f1,
+            "file": _tiles(datamodule, "val")[0],
+            "postprocess": cal.selection.record(),
+            "selection": cal.selection.describe(),
+        }
+        module.set_threshold(cal.threshold)
+        stored_post = cal.selection.postprocess
     if cfg.threshold is not None:
         module.set_threshold(float(cfg.threshold))
     threshold = float(module.hparams.threshold)
+    post = resolve_postprocess(cfg.get("postprocess"), stored_post)
+    if post.active:
+        score_postprocessed(module, post)
     module.set_test_label(cfg.split)
     module.set_test_tta(cfg.tta)
     module.test_objects.iou_threshold = float(cfg.iou_threshold)
@@ -172,6 +244,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     result.update(
         {"file": file, "tiles": tiles, "threshold": threshold, "iou_threshold": cfg.iou_threshold, "tta": cfg.tta}
     )
+    result["postprocess"] = {**post.as_dict(), "source": "stored" if post == stored_post else "given"}
 
     curve = CurveCollector(module.hparams.ap_bins or 200)
     with quiet_lightning():
@@ -197,10 +270,17 @@ def print_result(result: dict[str, Any]) -> None:
     print(f"checkpoint: {result['checkpoint']}")
     if "calibration" in result:
         c = result["calibration"]
-        print(f"calibrated: threshold {c['threshold']:.4f} maximises val F1 ({c['val_f1']:.4f}) on {c['file']}")
+        if PostProcess.from_dict(c["postprocess"]).active or c["postprocess"]["metric"] != "iou":
+            print(f"calibrated: {c['selection']} of {c['file']}")
+        else:
+            print(f"calibrated: threshold {c['threshold']:.4f} maximises val F1 ({c['val_f1']:.4f}) on {c['file']}")
+            print(f"            {c['selection'].split(', ', 1)[1]}")
     print(f"scored:     {result['split']} split, {result['scored']}")
     print(f"threshold:  {result['threshold']:.4f} (pixels); glints match at IoU >= {result['iou_threshold']}")
     print(f"tta:        {result['tta']}")
+    post = PostProcess.from_dict(result["postprocess"])
+    source = {"stored": " (as stored)", "given": " (given)"}[result["postprocess"]["source"]] if post.active else ""
+    print(f"post:       {post.describe()}{source}")
     metrics = {k: v for k, v in result.items() if k.startswith(f"{result['split']}/")}
     width = max(len(k) for k in metrics)
     for key, value in metrics.items():

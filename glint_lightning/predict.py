@@ -24,9 +24,11 @@ from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.checkpoints.io import atomic_output
 from glint_lightning.data.h5 import depth_and_validity
 from glint_lightning.inference.frames import FramePredictor
+from glint_lightning.inference.postprocess import PostProcess, resolve_postprocess, stored_postprocess
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.options import torch_device
 
 REQUIRED = ("ckpt_path", "input", "output")
 EXAMPLE = "glint-predict ckpt_path=run/checkpoints/best.ckpt input=frames.h5 output=masks.h5"
@@ -92,9 +94,11 @@ def predict_file(args: DictConfig) -> dict[str, Any]:
         raise GlintError(f"{src}: no such file or folder; pass input=<frames.h5 or a folder of depth images>")
     if out.exists() and not args.overwrite:
         raise GlintError(f"{out} exists; pass another output= or overwrite=true")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = torch_device(args.device)
     module = load_module(args.ckpt_path, map_location=device)
     threshold = float(module.hparams.threshold if args.threshold is None else args.threshold)
+    stored = getattr(module, "postprocess", None) or stored_postprocess(args.ckpt_path)  # an ensemble carries its own
+    post = resolve_postprocess(args.get("postprocess"), stored)
     window = _window(args.window, module)
     predictor = FramePredictor(
         module, window, args.overlap, args.batch_size, args.sigma, args.mode, args.precision, tta=args.tta
@@ -107,7 +111,7 @@ def predict_file(args: DictConfig) -> dict[str, Any]:
     def run(depth: np.ndarray, valid: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray]:
         nonlocal pixels
         prob = predictor(torch.from_numpy(depth), torch.from_numpy(valid)).numpy()
-        mask = ((prob >= threshold) & valid).astype(np.uint8)
+        mask = post.apply((prob >= threshold) & valid, valid).astype(np.uint8)
         if overlays is not None:
             Image.fromarray(overlay(depth, valid, mask)).save(overlays / f"{name}_overlay.png")
         pixels += prob.size
@@ -133,7 +137,7 @@ def predict_file(args: DictConfig) -> dict[str, Any]:
                 depth, valid = depth_and_validity(stored, scale, valid_ds[i] if valid_ds is not None else None)
                 prob, mask_ds[i] = run(depth, valid, f"frame{i:05d}")
                 prob_ds[i] = prob.astype(np.float16)
-            attrs = {"checkpoint": str(args.ckpt_path), "threshold": threshold, "window": window}
+            attrs = {"checkpoint": str(args.ckpt_path), "threshold": threshold, "window": window, **post.as_dict()}
             g.attrs.update({**attrs, "overlap": args.overlap, "mode": args.mode})
     seconds = time.perf_counter() - start
     return {
@@ -144,6 +148,7 @@ def predict_file(args: DictConfig) -> dict[str, Any]:
         "megapixels_per_s": pixels / 1e6 / max(seconds, 1e-9),
         "window": window,
         "mode": args.mode,
+        "postprocess": post.as_dict(),
         "overlays": str(overlays) if overlays else None,
     }
 
@@ -153,10 +158,12 @@ def main(cfg: DictConfig) -> None:
     """glint-predict: glint probabilities and masks for full depth frames of any size."""
     r = predict_file(cfg)
     what = "PNG masks and overlays" if Path(r["output"]).is_dir() else "prob (float16) and mask (uint8)"
+    post = PostProcess.from_dict(r["postprocess"])
+    post_text = f", post-processing {post.describe()}" if post.active else ""
     print(
         f"wrote {r['output']}: {what} for {r['frames']} frame(s) of {r['size'][0]}x"
-        f"{r['size'][1]}; threshold {r['threshold']}, {r['mode']} mode, window {r['window'][0]}x{r['window'][1]}, "
-        f"{r['megapixels_per_s']:.2f} megapixels/s"
+        f"{r['size'][1]}; threshold {r['threshold']}{post_text}, {r['mode']} mode, window {r['window'][0]}x"
+        f"{r['window'][1]}, {r['megapixels_per_s']:.2f} megapixels/s"
     )
 
 

@@ -18,7 +18,7 @@ from glint_lightning.module import GlintModule
 from glint_lightning.train import train
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
-from tests.conftest import pointwise_module, random_tiles, run_cli, write_tiles
+from tests.helpers import pointwise_module, random_tiles, run_cli, write_tiles
 
 
 def _mask(*boxes, size=12):

@@ -4,17 +4,15 @@ Every `_target_` they name is checked against the trusted prefixes before anythi
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from glint_lightning.models.pretrained import read_safetensors, read_sidecar
+from glint_lightning.checkpoints.reader import network_config, read_safetensors, read_sidecar, read_torch_file
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.errors import GlintError
-from glint_lightning.utils.trust import check_stored_config, check_targets
+from glint_lightning.utils.trust import check_targets
 
 DEFAULT_LOSS = {"_target_": "glint_lightning.losses.BCELoss"}  # only for exports that record no loss
 
@@ -24,6 +22,10 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> G
     path = Path(path).expanduser()
     if not path.is_file():
         raise GlintError(f"{path}: no such file; pass a .ckpt, or a .pth/.safetensors file from glint-export")
+    if path.name.endswith(".ensemble.json"):  # glint-cv's ensemble file: the mean of its (trust-checked) members
+        from glint_lightning.inference.ensemble import load_ensemble
+
+        return load_ensemble(path, map_location)
     if path.suffix == ".safetensors":
         return load_safetensors(path).to(map_location)
     if path.suffix == ".pth":
@@ -39,13 +41,9 @@ def load_safetensors(path: Path) -> GlintModule:
 
 def load_pth(path: Path) -> GlintModule:
     """A `glint-export format=pth` file, loaded with weights_only=True."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError) as err:
-        raise GlintError(f"{path}: not a file torch.load(weights_only=True) accepts ({err})") from None
+    payload = read_torch_file(path, "a .pth written by glint-export", "export")
     if not isinstance(payload, dict) or not {"model_config", "model_state_dict"} <= set(payload):
         raise GlintError(f"{path}: no model_config and model_state_dict; pass a .pth written by glint-export")
-    check_stored_config(payload, str(path))
     check_targets({"loss_config": payload.get("loss_config") or {}}, str(path))
     return module_from_export(payload, payload["model_state_dict"], str(path))
 
@@ -53,9 +51,7 @@ def load_pth(path: Path) -> GlintModule:
 def module_from_export(meta: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> GlintModule:
     """Build the network its (already trusted) model config names, load `state` exactly, set the depth statistics,
     threshold and tile size the export recorded."""
-    model = {k: v for k, v in meta["model_config"].items() if k not in ("freeze", "unfreeze_at_epoch")}
-    if "pretrained" in model:
-        model["pretrained"] = None  # the exported tensors replace them
+    model = network_config(meta["model_config"])
     module = GlintModule(
         model=model,
         loss=meta.get("loss_config") or DEFAULT_LOSS,
