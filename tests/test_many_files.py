@@ -143,3 +143,13 @@ def test_each_file_is_described_and_fingerprinted(tmp_path):
         **{f"train[{i}]": p for i, p in enumerate(paths)},
         **{f"val[{i}]": p for i, p in enumerate(paths)},
     }
+
+
+def test_provenance_fingerprints_every_file_of_a_split(tmp_path):
+    from glint_lightning.runs.provenance import provenance
+
+    paths = _files(tmp_path)
+    dm = _dm(train_path=paths, val_fraction=0.3)
+    data = provenance([], dm.data_files())["data"]
+    assert sorted(k for k in data if k.startswith("train")) == [f"train[{i}]" for i in range(len(paths))]
+    assert [data[f"train[{i}]"]["fingerprint"] for i in range(len(paths))] == [file_fingerprint(p) for p in paths]
