@@ -24,13 +24,20 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Figures, not tests: each script prints its numbers and ratios against a baseline measured in the same run.
+# The `bench` extra (MONAI, for predict_vs_monai) is installed on first use; the TTA figures score the checkpoint
+# of the quickstart run timed just before (kept in outputs/bench/quickstart).
 bench: $(STAMP)
+	@$(PY) -c "import monai" 2>/dev/null || { echo "installing the bench extra (MONAI) into $(VENV) (log: $(VENV)/pip.log)"; \
+		$(PY) -m pip install --disable-pip-version-check -e '.[bench]' >> $(VENV)/pip.log 2>&1 || { tail -n 40 $(VENV)/pip.log; exit 1; }; }
 	$(PY) -m benchmarks.framework_overhead
 	$(PY) -m benchmarks.loader_throughput
 	$(PY) -m benchmarks.inference_throughput
+	$(PY) -m benchmarks.predict_vs_monai --rounds 3
 	$(PY) -m benchmarks.speed_options
 	$(PY) -m benchmarks.memory
 	$(PY) -m benchmarks.model_throughput --sizes 64
+	$(PY) -m benchmarks.quickstart --keep outputs/bench/quickstart
+	$(PY) -m benchmarks.tta --run-dir outputs/bench/quickstart/quickstart
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
