@@ -21,9 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from glint_lightning import __version__
-from glint_lightning.checkpoints.exported import load_pth, load_safetensors
 from glint_lightning.checkpoints.io import atomic_output, atomic_torch_save
 from glint_lightning.checkpoints.reader import load_checkpoint, sidecar_path
+from glint_lightning.inference.loading import load_pth, load_safetensors
 from glint_lightning.models.base import SegmentationNetwork, network_stride
 from glint_lightning.models.common import check_network
 from glint_lightning.models.depth_input import DepthInput

@@ -20,10 +20,10 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.checkpoints.io import atomic_output
 from glint_lightning.data.h5 import depth_and_validity
 from glint_lightning.inference.frames import FramePredictor
+from glint_lightning.inference.loading import load_module
 from glint_lightning.inference.postprocess import PostProcess, resolve_postprocess, stored_postprocess
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.cli import hydra_app

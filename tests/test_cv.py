@@ -17,7 +17,6 @@ from hydra import compose, initialize_config_dir
 from scipy import ndimage
 from torchmetrics.classification import BinaryAveragePrecision
 
-from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.ckpt_info import describe, format_info
 from glint_lightning.cv import check_coverage, find_fold_runs
@@ -25,6 +24,7 @@ from glint_lightning.data import GlintDataModule
 from glint_lightning.eval import build_data, evaluate
 from glint_lightning.inference.calibration import write_threshold
 from glint_lightning.inference.ensemble import EnsembleModule, read_ensemble, write_ensemble
+from glint_lightning.inference.loading import load_module
 from glint_lightning.inference.postprocess import PostProcess
 from glint_lightning.metrics import EIGHT_CONNECTED, ObjectMetric
 from glint_lightning.module import GlintModule

@@ -13,8 +13,8 @@ import torch
 from hydra.utils import instantiate
 from torch import nn
 
-from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.checkpoints.reader import network_config
+from glint_lightning.inference.loading import load_module
 from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.module import GlintModule
 from glint_lightning.train import train

@@ -8,8 +8,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from glint_lightning.checkpoints.exported import load_module
 from glint_lightning.export import export
+from glint_lightning.inference.loading import load_module
 from glint_lightning.models.base import pad_to_multiple
 from glint_lightning.models.common import check_network
 from glint_lightning.module import GlintModule

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from glint_lightning.checkpoints.reader import network_config, read_safetensors, read_sidecar, read_torch_file
+from glint_lightning.inference.ensemble import load_ensemble
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.trust import check_targets
@@ -23,8 +24,6 @@ def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> G
     if not path.is_file():
         raise GlintError(f"{path}: no such file; pass a .ckpt, or a .pth/.safetensors file from glint-export")
     if path.name.endswith(".ensemble.json"):  # glint-cv's ensemble file: the mean of its (trust-checked) members
-        from glint_lightning.inference.ensemble import load_ensemble
-
         return load_ensemble(path, map_location)
     if path.suffix == ".safetensors":
         return load_safetensors(path).to(map_location)
