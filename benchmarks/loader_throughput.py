@@ -6,6 +6,11 @@ The readers take turns, round after round, and each reports its median: on a mac
 load then weighs on all of them alike.
 
     python -m benchmarks.loader_throughput [--tiles 512] [--tile 128] [--batch 16] [--rounds 5]
+
+`--transport` instead compares how batches cross from 2 workers to the main process: the module's TileLoader
+(shared-memory slots, data/transfer.py) against the stock DataLoader (pin_memory, the same batched h5py reads
+through H5Tiles.__getitems__), taking turns round after round; it prints the medians and their ratio. Issue 20's
+rule: the slots stay only at >= 1.3x.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 
 from benchmarks.common import Stopwatch, demo_tiles
 from glint_lightning.data.augment import AugmentConfig, augment_batch
-from glint_lightning.data.datamodule import GlintDataModule
+from glint_lightning.data.datamodule import EpochShuffleSampler, GlintDataModule
+from glint_lightning.data.h5 import collate_tiles
 
 WORKERS = (0, 1, 2)
 
@@ -82,13 +88,95 @@ def measure(path: Path, tiles: int, batch: int, rounds: int) -> dict[str, float]
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def random_file(path: Path, tiles: int, size: int) -> Path:
+    """Random tiles in the framework's layout (float32 depth, uint8 mask, bool valid, one tile per chunk)."""
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "w") as f:
+        chunks = (1, size, size)
+        f.create_dataset("depth", data=rng.uniform(500, 1500, (tiles, size, size)).astype(np.float32), chunks=chunks)
+        f.create_dataset("mask", data=(rng.random((tiles, size, size)) < 0.05).astype(np.uint8), chunks=chunks)
+        f.create_dataset("valid", data=rng.random((tiles, size, size)) < 0.95, chunks=chunks)
+    return path
+
+
+def transport_loaders(path: Path, batch: int, workers: int) -> dict:
+    """The module's TileLoader (slots) and a stock DataLoader over a data set of its own, same order and reads."""
+    out = {}
+    for name in ("slots", "stock"):
+        dm = GlintDataModule(
+            train_path=str(path),
+            val_fraction=0.05,
+            batch_size=batch,
+            num_workers=workers,
+            persistent_workers=True,
+            pin_memory=True,
+            norm_samples=8,
+        )
+        dm.setup("fit")
+        if name == "slots":
+            out[name] = dm.train_dataloader()
+        else:
+            ds = dm.datasets["train"]
+            out[name] = torch.utils.data.DataLoader(
+                ds,
+                batch_size=batch,
+                sampler=EpochShuffleSampler(len(ds), 0),
+                num_workers=workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=True,
+                collate_fn=collate_tiles,
+                drop_last=True,
+            )
+    return out
+
+
+def drain(loader) -> tuple[int, float]:
+    """Tiles/s of one epoch; each batch is touched (summed) as a training step would read it."""
+    n = 0
+    with Stopwatch() as watch:
+        for b in loader:
+            b["depth"].sum(), b["mask"].sum(), b["valid"].sum()
+            n += b["depth"].shape[0]
+    return n, watch.seconds
+
+
+def compare_transport(args: argparse.Namespace) -> None:
+    path = random_file(Path("outputs/bench/transport.h5"), args.tiles, args.tile)
+    loaders = transport_loaders(path, args.batch, 2)
+    rates: dict = {name: [] for name in loaders}
+    for loader in loaders.values():
+        drain(loader)  # warm-up: starts the persistent workers, fills the page cache
+    for r in range(args.rounds):
+        for name in sorted(loaders, reverse=r % 2 == 1):  # alternate who goes first
+            n, seconds = drain(loaders[name])
+            rates[name].append(n / seconds)
+    slots, stock = (statistics.median(rates[k]) for k in ("slots", "stock"))
+    batches = len(loaders["stock"]) * args.rounds
+    print(
+        f"transport: {args.tiles} random tiles of {args.tile}px, batch {args.batch}, 2 workers, persistent, "
+        f"pin_memory {'on' if torch.cuda.is_available() else 'off (no CUDA)'}, {batches} batches per loader in "
+        f"{args.rounds} rounds taken in turns, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    for name in ("slots", "stock"):
+        each = [round(x) for x in rates[name]]
+        print(f"  {name:6s} median {statistics.median(rates[name]):8.0f} tiles/s, rounds {each}")
+    print(f"  slots / stock = {slots / stock:.2f} (keep the slots at >= 1.30)")
+    del loaders
+    gc.collect()
+    path.unlink()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=512)
     parser.add_argument("--tile", type=int, default=128)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--transport", action="store_true", help="slots vs the stock DataLoader, 2 workers")
     args = parser.parse_args()
+    if args.transport:
+        Path("outputs/bench").mkdir(parents=True, exist_ok=True)
+        return compare_transport(args)
     src = demo_tiles(args.tiles, args.tile)
     out = Path("outputs/bench")
     out.mkdir(parents=True, exist_ok=True)

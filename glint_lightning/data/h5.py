@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from glint_lightning.data.transfer import BYTES_PER_PIXEL, SlotPool, SlotRef, batch_views, shared_buffer
+from glint_lightning.data.transfer import BYTES_PER_PIXEL, SlotPool, SlotRef, batch_views
 from glint_lightning.utils.errors import GlintError
 
 DEPTH_DTYPES = (np.float32, np.float16, np.float64, np.uint16)
@@ -332,7 +332,7 @@ class H5Tiles(Dataset):
                 taken = self.slot_pools[worker.id].take(n * self.tile_bytes)
             if taken is not None:
                 ref = SlotRef(worker.id, taken[0], n, h, w)
-            buf = taken[1] if taken is not None else shared_buffer(n * self.tile_bytes)
+            buf = taken[1] if taken is not None else torch.empty(n * self.tile_bytes, dtype=torch.uint8)
         batch = batch_views(buf, n, h, w)
         self.read_into(indices, *(batch[k].numpy().reshape(n, h, w) for k in ("depth", "mask", "valid")))
         return ref if ref is not None else batch
