@@ -6,14 +6,21 @@ STAMP := $(VENV)/.installed-stamp
 # A short real run on the built-in synthetic data set; override with `make train ARGS="loss=focal"`.
 ARGS ?=
 
-.PHONY: install train test bench lint format clean
+# The extras every developer and CI gets; requirements.lock pins all of them (and their dependencies) exactly.
+EXTRAS := dev,smp,export,sweep,mlflow
+
+.PHONY: install lock train test test-fast bench lint format clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Exact versions from requirements.lock, then the package itself (editable, no dependency resolution of its own), so
+# a new release of anything cannot change what `make test` runs until `make lock` is run and committed.
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo "installing glint-lightning and its dependencies into $(VENV) (log: $(VENV)/pip.log)"
-	$(PY) -m pip install --disable-pip-version-check -e '.[dev,smp,export,sweep,mlflow]' > $(VENV)/pip.log 2>&1 || (tail -n 40 $(VENV)/pip.log; exit 1)
+	@echo "installing glint-lightning and its locked dependencies into $(VENV) (log: $(VENV)/pip.log)"
+	{ $(PY) -m pip install --disable-pip-version-check -r requirements.lock && \
+		$(PY) -m pip install --disable-pip-version-check --no-deps -e '.[$(EXTRAS)]'; } > $(VENV)/pip.log 2>&1 \
+		|| (tail -n 40 $(VENV)/pip.log; exit 1)
 	$(PY) -c "import glint_lightning, torch, lightning, hydra, h5py, torchmetrics"
 	touch $(STAMP)
 
@@ -22,6 +29,16 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The edit-test loop: everything but the end-to-end runs marked slow.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Refresh requirements.lock to the newest releases pyproject.toml allows (torch capped by lock-constraints.txt to
+# the builds on this machine's disk); commit it with the change that needed it.
+lock: $(STAMP)
+	$(VENV)/bin/pip-compile --quiet --upgrade --no-strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra $(EXTRAS) -c lock-constraints.txt -o requirements.lock pyproject.toml
 
 # Figures, not tests: each script prints its numbers and ratios against a baseline measured in the same run.
 # The `bench` extra (MONAI, for predict_vs_monai) is installed on first use; the TTA figures score the checkpoint
