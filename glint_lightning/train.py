@@ -133,8 +133,8 @@ def train(cfg: DictConfig) -> float | None:
     """Train as configured; returns the best value of `optimized_metric` (for sweepers), or None."""
     check_config(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, Path(cfg.paths.outputs_root))
-    with _run_dir_lock(run_dir):
+    with _run_dir_lock(run_dir):  # before resolving: a refused train must not announce a resume it never does
+        ckpt_path = resolve_resume(cfg.get("ckpt_path"), run_dir, Path(cfg.paths.outputs_root))
         return _train(cfg, run_dir, ckpt_path)
 
 

@@ -1,9 +1,10 @@
-"""One writer per run dir: a second train on a live run's dir is refused; a dead run's lock is taken over."""
+"""One writer per run dir: a second train on a live run's dir is refused; a killed run's lock is free at once."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,59 +12,91 @@ import time
 
 import pytest
 
-from glint_lightning.runs.run_lock import LOCK_NAME, RunDirLocked, RunLock, is_running
+from glint_lightning.runs.run_lock import LOCK_NAME, RunDirLocked, RunLock
+from glint_lightning.train import train
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.flock import try_lock
 from tests.helpers import REPO, TINY, run_cli
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def _write_lock(run_dir, **owner):
+def _hold(run_dir, record="", **owner):
+    """Lock run_dir's train.lock as another train would (an open file of its own), naming `owner` in it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "started": "then", **owner}))
+    f = try_lock(run_dir / LOCK_NAME)
+    f.truncate(0)
+    f.write((record or json.dumps({"host": socket.gethostname(), "started": "then", **owner})).encode())
+    f.flush()
+    return f
 
 
 def test_the_lock_is_exclusive_and_released(tmp_path):
     with RunLock(tmp_path) as lock:
         owner = json.loads(lock.path.read_text())
-        assert (owner["pid"], owner["host"]) == (os.getpid(), socket.gethostname()) and is_running(owner)
+        assert (owner["pid"], owner["host"]) == (os.getpid(), socket.gethostname())
         with pytest.raises(RunDirLocked, match=rf"{tmp_path}: another glint train is writing to this run dir \(pid "):
-            RunLock(tmp_path).acquire()
+            RunLock(tmp_path).acquire()  # the same process, another open file: refused too
     assert not (tmp_path / LOCK_NAME).exists()
-    RunLock(tmp_path).release()  # never held: leaves others' locks alone
-    _write_lock(tmp_path, pid=os.getppid(), token="theirs")
-    RunLock(tmp_path).release()
-    assert (tmp_path / LOCK_NAME).exists()
+    with RunLock(tmp_path):  # released: free again, with no note
+        pass
+    with _hold(tmp_path, pid=os.getppid()):
+        RunLock(tmp_path).release()  # never held: leaves others' locks alone
+        assert (tmp_path / LOCK_NAME).exists()
 
 
 def test_a_live_process_on_this_host_keeps_its_lock(tmp_path):
-    _write_lock(tmp_path, pid=os.getppid())
-    with pytest.raises(GlintError, match=rf"\(pid {os.getppid()} on {socket.gethostname()}, started then\); wait"):
+    who = rf"\(pid {os.getppid()} on {socket.gethostname()}, started then\); wait"
+    with _hold(tmp_path, pid=os.getppid()), pytest.raises(GlintError, match=who):
         RunLock(tmp_path).acquire()
+    with _hold(tmp_path, record=" "), pytest.raises(GlintError, match=r"run dir \(unnamed\); wait for it .*dir$"):
+        RunLock(tmp_path, patience_s=0.1).acquire()  # locked, never named (hung between its lock and its write)
 
 
 def test_a_lock_from_another_host_names_the_file_to_delete(tmp_path):
-    _write_lock(tmp_path, pid=_dead_pid(), host="elsewhere.example")
-    with pytest.raises(GlintError, match=rf"if it is no longer running, delete {tmp_path / LOCK_NAME}$"):
+    tail = rf"if it is no longer running, delete {tmp_path / LOCK_NAME}$"
+    with _hold(tmp_path, pid=1, host="elsewhere.example"), pytest.raises(GlintError, match=tail):
         RunLock(tmp_path).acquire()
 
 
-@pytest.mark.parametrize("owner", ["dead", "reused pid", "torn"])
-def test_a_dead_runs_lock_is_taken_over_with_a_note(tmp_path, capsys, owner, glint_log):
-    if owner == "dead":
-        _write_lock(tmp_path, pid=_dead_pid())
-    elif owner == "reused pid":  # a live pid that started after the lock was written belongs to someone else
-        _write_lock(tmp_path, pid=os.getppid(), proc_start="1")
-    else:
-        tmp_path.joinpath(LOCK_NAME).write_text("")  # killed between creating the file and writing it
+def test_a_killed_trains_lock_is_free_at_once(tmp_path, glint_log):
+    code = "import sys; from glint_lightning.runs.run_lock import RunLock; held = RunLock(sys.argv[1]); held.acquire()"
+    code += "; input()"  # held until killed
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE, cwd=REPO)
+    try:
+        end = time.monotonic() + 60
+        while not (tmp_path / LOCK_NAME).is_file() or not (tmp_path / LOCK_NAME).read_text():
+            assert holder.poll() is None and time.monotonic() < end
+            time.sleep(0.05)
+        with pytest.raises(RunDirLocked, match=rf"\(pid {holder.pid} on "):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
+        holder.wait()
+    with RunLock(tmp_path) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert f"note: {tmp_path / LOCK_NAME}: took over the lock (pid {holder.pid} is no longer running)" in glint_log()
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("left", ["record of a live pid", "torn"])
+def test_a_lock_file_nobody_holds_is_taken_over_with_a_note(tmp_path, left, glint_log):
+    if left == "torn":  # killed between creating the file and writing it
+        tmp_path.joinpath(LOCK_NAME).write_text("")
+    else:  # a live pid that holds no lock is not that run (its pid was reused)
+        tmp_path.joinpath(LOCK_NAME).write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname()}))
     with RunLock(tmp_path, patience_s=0.1) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    assert f"note: {tmp_path / LOCK_NAME}: took over the lock" in glint_log()
+    why = "an unreadable lock file" if left == "torn" else f"pid {os.getppid()} is no longer running"
+    assert f"note: {tmp_path / LOCK_NAME}: took over the lock ({why})" in glint_log()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_refused_resume_prints_only_its_refusal(make_cfg, tmp_path, glint_log):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"the other train's checkpoint")
+    with _hold(run_dir, pid=os.getppid()), pytest.raises(RunDirLocked, match="another glint train is writing"):
+        train(make_cfg("ckpt_path=last"))
+    assert "resuming" not in glint_log(), "no announcement of a resume that never happens"
 
 
 @pytest.mark.slow
@@ -107,14 +140,15 @@ def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_
     assert not (run_dir / LOCK_NAME).exists()
 
 
-def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_any_node(tmp_path, monkeypatch, capsys, glint_log):
+def test_a_requeued_slurm_job_takes_over_its_earlier_runs_lock_from_any_node(tmp_path, monkeypatch, glint_log):
     for key in [k for k in os.environ if k.startswith("SLURM_")]:
         monkeypatch.delenv(key)
-    _write_lock(tmp_path, pid=os.getppid(), host="node7.example", slurm_job="12", slurm_restart=0)
+    # held on a shared file system by a node that died: the file server drops the lock only later
+    stale = _hold(tmp_path, pid=os.getppid(), host="node7.example", slurm_job="12", slurm_restart=0)
     monkeypatch.setenv("SLURM_JOB_ID", "12")
     with pytest.raises(GlintError, match="delete"):  # not requeued: that run may still be alive on node7
         RunLock(tmp_path).acquire()
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM ended it before starting the job again
-    with RunLock(tmp_path) as lock:
+    with stale, RunLock(tmp_path) as lock:
         assert json.loads(lock.path.read_text())["slurm_restart"] == 1
-    assert "took over the lock" in glint_log()
+    assert f"took over the lock (SLURM ended pid {os.getppid()} of this job)" in glint_log()

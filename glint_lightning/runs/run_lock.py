@@ -1,26 +1,27 @@
 """One writer per run dir: two `train`s on one dir would overwrite each other's last.ckpt, and one would delete the
 other's half-written checkpoint as a stale temporary.
 
-`train` creates `<run dir>/train.lock` atomically (O_CREAT | O_EXCL) holding its pid, host and start time, and
-removes it when it ends, also on errors and interrupts. A second `train` finds it and stops with one line naming
-the other process. A lock whose process is gone (same host: no such pid, a zombie, or the pid reused by a process
-started later) is taken over with a note; on another host nobody can tell, so the line says which file to delete.
+`train` holds an exclusive `flock` on `<run dir>/train.lock` (glint_lightning.utils.flock), which the kernel releases
+when the process ends, however it ends; the file names the holder (pid, host, start time) for the refusal, and is
+removed when the run ends. A second `train` stops with one line naming the holder. A file left by a killed run is
+taken over with a note. A lock held on a shared file system by a node that died stays until the file server drops
+it, so a refusal naming another host says which file to delete; a requeued SLURM job does that itself for its own
+earlier run (SLURM ends a job's processes before it starts the job again).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from glint_lightning.runs import slurm
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.flock import try_lock
 from glint_lightning.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -32,62 +33,37 @@ class RunDirLocked(GlintError):
     """Another live process trains in this run dir."""
 
 
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks) of a process from /proc (Linux), or None where there is no /proc."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
-    return fields[0], fields[19]
-
-
 def _me() -> dict[str, Any]:
-    stat = _proc_stat(os.getpid())
     return {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "proc_start": stat[1] if stat else None,
-        "token": uuid.uuid4().hex,
         "argv": sys.argv[1:],
         "slurm_job": slurm.job_key(),
         "slurm_restart": slurm.restart_count(),
     }
 
 
-def is_running(owner: dict[str, Any]) -> bool:
-    """Whether the process that wrote `owner` may still run (True when that cannot be told: another host)."""
+def earlier_run_of_this_job(owner: dict[str, Any]) -> bool:
+    """Whether `owner` is an earlier run of this requeued SLURM job (ended by SLURM, wherever its lock still is)."""
     job = owner.get("slurm_job")
-    if job and job == slurm.job_key() and int(owner.get("slurm_restart") or 0) < slurm.restart_count():
-        return False  # this SLURM job's earlier run: SLURM ends a job's processes before it starts it again
-    if owner.get("host") != socket.gethostname():
-        return True
-    pid = int(owner.get("pid", 0))
-    if pid <= 0:
-        return False
+    return bool(job) and job == slurm.job_key() and int(owner.get("slurm_restart") or 0) < slurm.restart_count()
+
+
+def _parse(text: bytes) -> dict[str, Any] | None:
+    """The owner a lock file names, or None while it is empty or unreadable (being written, or torn by a crash)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # someone else's process: alive
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True
-    state, start = stat
-    return state not in ("Z", "X") and owner.get("proc_start") in (None, start)
+        owner = json.loads(text)
+    except ValueError:
+        return None
+    return owner if isinstance(owner, dict) else None
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    """The lock's owner, or None while it is empty or unreadable (being written, or torn by a crash)."""
     try:
-        owner = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError):
+        return _parse(path.read_bytes())
+    except OSError:
         return None
-    return owner if isinstance(owner, dict) else None
 
 
 class RunLock:
@@ -95,8 +71,8 @@ class RunLock:
 
     def __init__(self, run_dir: Path, patience_s: float = 2.0) -> None:
         self.path = Path(run_dir) / LOCK_NAME
-        self.patience_s = patience_s  # how long an empty lock file may be "being written" before it counts as torn
-        self._mine: dict[str, Any] | None = None
+        self.patience_s = patience_s  # how long a held lock may name no owner (being written) before the refusal
+        self._file: BinaryIO | None = None
 
     def __enter__(self) -> RunLock:
         self.acquire()
@@ -107,68 +83,64 @@ class RunLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me, empty_since = _me(), None
+        unnamed_since = None
         while True:
+            existed = self.path.exists()
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    owner = _read(self.path)
-                except FileNotFoundError:
-                    continue  # released in between: try again
-                if owner is None:
-                    empty_since = empty_since or time.monotonic()
-                    if time.monotonic() - empty_since < self.patience_s:
-                        time.sleep(0.05)
-                        continue
-                    self._take_over(owner, "an unreadable lock file")
-                elif is_running(owner):
-                    raise RunDirLocked(self._refusal(owner)) from None
-                else:
-                    self._take_over(owner, f"pid {owner.get('pid')} is no longer running")
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self._mine = me
-            return
+                f = try_lock(self.path)
+            except OSError as err:
+                log.warning(
+                    f"note: {self.path}: this file system has no file locks ({err.strerror}); a second train on "
+                    "this run dir is not refused"
+                )
+                return
+            if f is not None:
+                self._hold(f, existed)
+                return
+            owner = _read(self.path)
+            if owner is None:  # the holder is between its lock and its write, or just ended
+                unnamed_since = unnamed_since or time.monotonic()
+                if time.monotonic() - unnamed_since < self.patience_s:
+                    time.sleep(0.05)
+                    continue
+                raise RunDirLocked(self._refusal({}))
+            if not earlier_run_of_this_job(owner):
+                raise RunDirLocked(self._refusal(owner))
+            self.path.unlink(missing_ok=True)  # its dead node's lock: the next try locks a new file
+            log.warning(f"note: {self.path}: took over the lock (SLURM ended pid {owner.get('pid')} of this job)")
+
+    def _hold(self, f: BinaryIO, existed: bool) -> None:
+        """Write this process's record into the file it has locked, noting a record left by a killed run."""
+        f.seek(0)
+        left = f.read()
+        if left or existed:
+            owner = _parse(left)
+            why = f"pid {owner.get('pid')} is no longer running" if owner else "an unreadable lock file"
+            log.warning(f"note: {self.path}: took over the lock ({why})")
+        f.truncate(0)
+        f.write(json.dumps(_me()).encode())
+        f.flush()
+        os.fsync(f.fileno())
+        self._file = f
 
     def _refusal(self, owner: dict[str, Any]) -> str:
-        who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
-        elsewhere = owner.get("host") != socket.gethostname()
+        who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}" if owner else "unnamed"
+        elsewhere = bool(owner) and owner.get("host") != socket.gethostname()
         tail = f"; if it is no longer running, delete {self.path}" if elsewhere else ""
         return (
             f"{self.path.parent}: another glint train is writing to this run dir ({who}); wait for it to end or "
             f"pass another hydra.run.dir{tail}"
         )
 
-    def _take_over(self, owner: dict[str, Any] | None, why: str) -> None:
-        """Remove a dead owner's lock; never one that a live process put there meanwhile."""
-        aside = self.path.with_name(f".{LOCK_NAME}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        try:
-            os.rename(self.path, aside)  # atomic: only one taker gets this file
-        except FileNotFoundError:
-            return
-        try:
-            now = _read(aside)
-        except FileNotFoundError:
-            now = None
-        if now != owner and now is not None:  # a live process's lock replaced the dead one: put it back
-            with contextlib.suppress(FileExistsError):
-                os.link(aside, self.path)
-        else:
-            log.warning(f"note: {self.path}: took over the lock ({why})")
-        aside.unlink(missing_ok=True)
-
     def release(self) -> None:
-        """Remove the lock if it is still this process's."""
-        mine, self._mine = self._mine, None
-        if mine is None:
+        """Remove the lock file and drop the lock (removed first: a waiting taker then locks a new file)."""
+        f, self._file = self._file, None
+        if f is None:
             return
         try:
-            owner = _read(self.path)
+            if os.path.samestat(os.stat(self.path), os.fstat(f.fileno())):
+                self.path.unlink()
         except FileNotFoundError:
-            return
-        if owner is not None and owner.get("token") == mine["token"]:
-            self.path.unlink(missing_ok=True)
+            pass
+        finally:
+            f.close()

@@ -5,15 +5,18 @@ final summaries print."""
 from __future__ import annotations
 
 import logging
-
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+import sys
 
 logging.getLogger("glint_lightning").setLevel(logging.INFO)  # the INFO lines reach Hydra's (or the user's) handlers
 
 
 class _RankZero(logging.Filter):
+    """Lightning's rank where Lightning runs; without it (tools such as glint-check, which need not pay for importing
+    torch and Lightning) there is one process, rank zero."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(rank_zero_only, "rank", 0) == 0
+        rank_zero = sys.modules.get("lightning.fabric.utilities.rank_zero")
+        return rank_zero is None or getattr(rank_zero.rank_zero_only, "rank", 0) == 0
 
 
 _RANK_ZERO = _RankZero()
