@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 ARGS ?=
 
 # The extras every developer and CI gets; requirements.lock pins all of them (and their dependencies) exactly.
-EXTRAS := dev,smp,export,sweep,mlflow
+EXTRAS := dev,smp,export,sweep,mlflow,docs
 
 .PHONY: install lock train test test-fast bench lint format clean
 
