@@ -160,7 +160,10 @@ def compare_transport(args: argparse.Namespace) -> None:
     for name in ("slots", "stock"):
         each = [round(x) for x in rates[name]]
         print(f"  {name:6s} median {statistics.median(rates[name]):8.0f} tiles/s, rounds {each}")
-    print(f"  slots / stock = {slots / stock:.2f} (keep the slots at >= 1.30)")
+    paired = statistics.median(a / b for a, b in zip(rates["slots"], rates["stock"]))
+    print(
+        f"  slots / stock = {slots / stock:.2f} (medians), {paired:.2f} (median of each round's ratio); rule: >= 1.30"
+    )
     del loaders
     gc.collect()
     path.unlink()

@@ -109,6 +109,24 @@ def test_num_workers_gives_identical_batches(tmp_path):
     assert not torch.equal(_batches(dm0, 0)[0]["depth"], _batches(dm0, 1)[0]["depth"]), "epochs reshuffle"
 
 
+@pytest.mark.parametrize("workers, persistent", [(0, False), (2, True)])
+def test_a_mid_epoch_loader_state_resumes_the_epoch_bit_exactly(tmp_path, workers, persistent):
+    """What a mid-epoch checkpoint stores (epoch, batches done) replays exactly the rest of that epoch's batches,
+    with workers too; the epoch after it starts from its beginning again."""
+    path = str(write_tiles(tmp_path / "t.h5", *random_tiles(40)))
+    straight = _batches(_dm(train_path=path, val_fraction=0.1, seed=7), epoch=1)
+    loader = _dm(train_path=path, val_fraction=0.1, seed=7, num_workers=workers, persistent_workers=persistent)
+    loader = loader.train_dataloader()
+    loader.load_state_dict({"epoch": 1, "batches_done": 3})
+    rest = list(loader)
+    assert len(rest) == len(straight) - 3 and loader.batches_done == 3
+    for x, y in zip(straight[3:], rest):
+        assert all(torch.equal(x[k], y[k]) for k in ("depth", "mask", "valid"))
+    assert len(list(loader)) == len(straight), "only the resumed epoch is shortened"
+    loader.load_state_dict({"epoch": 1, "batches_done": len(straight)})
+    assert loader.sampler.epoch == 2, "saved after an epoch's last step: the next epoch starts afresh"
+
+
 def test_augmentation_is_consistent_across_keys_and_seeded():
     gen = torch.Generator().manual_seed(0)
     mask = (torch.rand(16, 1, 8, 8, generator=gen) > 0.7).float()

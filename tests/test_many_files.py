@@ -79,7 +79,7 @@ def test_a_shuffled_epoch_across_files_is_the_same_with_workers(tmp_path, monkey
     expected = _one_by_one(paths)
     dms = {w: _dm(train_path=paths, val_fraction=0.2, num_workers=w, persistent_workers=True, seed=3) for w in (0, 2)}
     loaders = {w: dm.train_dataloader() for w, dm in dms.items()}
-    for epoch in range(3):  # epochs left after two batches: their slots must come free again
+    for epoch in range(3):  # epochs left after two batches: the reset drops prefetched batches, freeing slots
         loaders[2].sampler.set_epoch(epoch)
         it = iter(loaders[2])
         next(it), next(it)
@@ -94,7 +94,7 @@ def test_a_shuffled_epoch_across_files_is_the_same_with_workers(tmp_path, monkey
             for w in (0, 2):
                 got = torch.cat([b[k] for b in batches[w]]).numpy()
                 np.testing.assert_array_equal(got, expected[k][order], err_msg=f"{k}, {w} workers, epoch {epoch}")
-    pools = loaders[2]._iterator._pools
+    pools = loaders[2].slot_pools
     assert any(p.flags.numpy().any() for p in pools), "kept batches keep their slots"
     del batches
     assert all(not p.flags.numpy().any() for p in pools), "every slot is free once its batch is gone"

@@ -319,23 +319,18 @@ class H5Tiles(Dataset):
     def __getitems__(self, items: list[int]) -> dict[str, torch.Tensor] | SlotRef:
         """A whole batch, already stacked (B, 1, H, W); DataLoader calls this with `collate_fn=collate_tiles`.
 
-        In a worker of a TileLoader the batch goes into one of its shared-memory slots and only a SlotRef is
-        returned (data/transfer.py); in another worker into fresh shared memory; else into plain memory.
+        In a worker of a TileLoader the batch goes into a free one of its shared-memory slots and only a SlotRef
+        is returned (data/transfer.py); else into plain memory (torch moves it to shared memory to send it).
         """
         indices = self.indices[np.asarray(items, dtype=np.int64)]
         n, h, w = len(indices), self.info.height, self.info.width
-        worker, ref, taken = get_worker_info(), None, None
-        if worker is None:
-            buf = torch.empty(n * self.tile_bytes, dtype=torch.uint8)
-        else:
-            if self.slot_pools:
-                taken = self.slot_pools[worker.id].take(n * self.tile_bytes)
-            if taken is not None:
-                ref = SlotRef(worker.id, taken[0], n, h, w)
-            buf = taken[1] if taken is not None else torch.empty(n * self.tile_bytes, dtype=torch.uint8)
+        worker = get_worker_info()
+        pool = self.slot_pools[worker.id] if worker is not None and self.slot_pools else None
+        taken = pool.take(n * self.tile_bytes) if pool is not None else None
+        buf = taken[1] if taken is not None else torch.empty(n * self.tile_bytes, dtype=torch.uint8)
         batch = batch_views(buf, n, h, w)
         self.read_into(indices, *(batch[k].numpy().reshape(n, h, w) for k in ("depth", "mask", "valid")))
-        return ref if ref is not None else batch
+        return SlotRef(pool.token, taken[0], n, h, w) if taken is not None else batch
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         return {key: value[0] for key, value in self.__getitems__([item]).items()}

@@ -1,25 +1,33 @@
 """How a batch of tiles crosses from a DataLoader worker to the main process cheaply.
 
 A batch is one buffer: depth (float32), mask (float32) and valid (bool) are views of it. Sending a tensor from a
-worker costs a fresh shared-memory buffer (page faults, zero-filling) and, per tensor, a socket round trip that
-waits for the worker to be scheduled: more than reading the tiles. So TileLoader gives each worker a few slots in
-shared memory that it maps before the workers start; a worker writes a batch into a free slot and sends only a
-SlotRef, and the main process hands out tensors over that slot, which is freed when the last of them is gone.
-A worker with no free slot, or a plain DataLoader, sends the batch as tensors instead: slower, never wrong.
+worker costs a fresh shared-memory buffer (page faults, a copy) and, per tensor, a socket round trip that waits
+for the worker to be scheduled: more than reading the tiles (benchmarks/loader_throughput.py --transport: the
+stock DataLoader, same reads, delivers 1/1.6 to 1/3.7 as many tiles/s). So TileLoader gives each worker a few
+slots in shared memory (`Tensor.share_memory_`) before the workers start; a worker writes a batch into a free slot
+and sends only a SlotRef, and the main process hands out tensors over that slot, which is freed when the last of
+them is gone. A SlotRef the DataLoader drops unread (an epoch reset on persistent workers discards prefetched
+batches) frees its slot as it goes. A worker with no free slot, or a plain DataLoader, sends the batch as tensors
+instead: slower, never wrong. Only public torch APIs: the stock iterator does the work, TileLoader wraps it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+import os
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter, _SingleProcessDataLoaderIter
 
 KEYS = ("depth", "mask", "valid")
 BYTES_PER_PIXEL = 9  # float32 depth + float32 mask + bool valid
+
+_POOLS: weakref.WeakValueDictionary[int, SlotPool] = weakref.WeakValueDictionary()  # the main process's pools
+_TOKENS = itertools.count()
 
 
 def batch_views(buf: torch.Tensor, n: int, h: int, w: int) -> dict[str, torch.Tensor]:
@@ -32,33 +40,21 @@ def batch_views(buf: torch.Tensor, n: int, h: int, w: int) -> dict[str, torch.Te
     }
 
 
-def shared_buffer(nbytes: int) -> torch.Tensor:
-    """A fresh uint8 tensor in shared memory: a batch written there crosses to the main process without a copy."""
-    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
-
-
-@dataclass(frozen=True)
-class SlotRef:
-    """What a worker sends for a batch it wrote into slot `slot` of its pool."""
-
-    worker: int
-    slot: int
-    n: int
-    h: int
-    w: int
-
-
 class SlotPool:
-    """One worker's batch slots in shared memory, created by the main process; slot i is free while flag i is 0."""
+    """One worker's batch slots in shared memory, created by the main process; slot i is free while flag i is 0.
+
+    Only the worker sets a flag (0 -> 1, in take) and only the main process clears it, so no lock is needed.
+    """
 
     def __init__(self, slot_bytes: int, slots: int) -> None:
         self.slot_bytes = -(-slot_bytes // 64) * 64
-        self.flags = shared_buffer(slots)
-        self.flags.zero_()
-        self.buf = shared_buffer(slots * self.slot_bytes)
+        self.flags = torch.zeros(slots, dtype=torch.uint8).share_memory_()
+        self.buf = torch.empty(slots * self.slot_bytes, dtype=torch.uint8).share_memory_()
+        self.token = next(_TOKENS)
+        _POOLS[self.token] = self
 
     def take(self, nbytes: int) -> tuple[int, torch.Tensor] | None:
-        """(slot, its first `nbytes`) marked in use; None when all are in use or the batch is larger."""
+        """Worker: (slot, its first `nbytes`) marked in use; None when all are in use or the batch is larger."""
         flags = self.flags.numpy()
         free = np.flatnonzero(flags == 0)
         if nbytes > self.slot_bytes or not len(free):
@@ -67,20 +63,41 @@ class SlotPool:
         flags[slot] = 1
         return slot, self.buf[slot * self.slot_bytes : slot * self.slot_bytes + nbytes]
 
-    def lend(self, ref: SlotRef, pin: bool) -> dict[str, torch.Tensor]:
-        """Main process: the batch in slot `ref.slot` as tensors over the slot itself, which is freed when the last
-        of them (or of their views) is gone; with `pin`, copied into pinned memory and freed at once."""
-        start = ref.slot * self.slot_bytes
-        region = self.buf.numpy()[start : start + BYTES_PER_PIXEL * ref.n * ref.h * ref.w]
+
+class SlotRef:
+    """What a worker sends for a batch it wrote into slot `slot` of pool `pool`.
+
+    Unpickled in the main process, it owns the slot until `batch()` hands it on, and frees it if dropped unread.
+    """
+
+    def __init__(self, pool: int, slot: int, n: int, h: int, w: int) -> None:
+        self.pool, self.slot, self.n, self.h, self.w = pool, slot, n, h, w
+        self.owner: int | None = None  # the pid that owns the slot: set on arrival, cleared when handed on
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, owner=os.getpid())
+
+    def __del__(self) -> None:
+        pool = _POOLS.get(self.pool) if self.owner == os.getpid() else None
+        if pool is not None:
+            pool.flags.numpy()[self.slot] = 0
+
+    def batch(self, pin: bool) -> dict[str, torch.Tensor]:
+        """Main process: the batch as tensors over the slot itself, which is freed when the last of them (or of
+        their views) is gone; with `pin`, copied into pinned memory and freed at once."""
+        pool = _POOLS[self.pool]
+        start = self.slot * pool.slot_bytes
+        region = pool.buf.numpy()[start : start + BYTES_PER_PIXEL * self.n * self.h * self.w]
         if pin:
             out = torch.empty(len(region), dtype=torch.uint8, pin_memory=True)
             np.copyto(out.numpy(), region)  # numpy: one thread, no parallel region to stall
-            self.flags.numpy()[ref.slot] = 0  # only after the copy: the worker may now reuse the slot
+            pool.flags.numpy()[self.slot], self.owner = 0, None  # only after the copy: the worker may reuse it
         else:
             lease = region.view(_Lease)
-            lease.flags, lease.slot = self.flags.numpy(), ref.slot
+            lease.flags, lease.slot, lease.owner = pool.flags.numpy(), self.slot, self.owner
+            self.owner = None  # handed on: the lease frees the slot
             out = torch.from_numpy(lease)  # holds the lease for as long as the storage lives
-        return batch_views(out, ref.n, ref.h, ref.w)
+        return batch_views(out, self.n, self.h, self.w)
 
 
 class _Lease(np.ndarray):
@@ -89,9 +106,10 @@ class _Lease(np.ndarray):
 
     flags: np.ndarray | None = None
     slot = -1
+    owner: int | None = None
 
     def __del__(self) -> None:
-        if self.flags is not None:
+        if self.flags is not None and self.owner == os.getpid():  # not a copy inherited by a forked worker
             self.flags[self.slot] = 0
 
 
@@ -107,68 +125,39 @@ def pinned(batch: Any) -> Any:
     return {**batch, **views}
 
 
-class _PoolIter(_MultiProcessingDataLoaderIter):
-    _pools: list[SlotPool] | None = None
-    _pin_tiles = False
-    _draining = False
-
-    def _free(self, data: Any) -> None:
-        if self._pools and isinstance(data, SlotRef):
-            self._pools[data.worker].flags.numpy()[data.slot] = 0
-
-    def _reset(self, loader: DataLoader, first_iter: bool = False) -> None:
-        """A new epoch on persistent workers: batches of the last one that were received but not yielded, or that
-        the reset drains, are dropped, so their slots are freed (the workers have finished writing them)."""
-        for info in getattr(self, "_task_info", {}).values():
-            self._free(info[1] if len(info) == 2 else None)
-        self._draining = True
-        try:
-            super()._reset(loader, first_iter)
-        finally:
-            self._draining = False
-
-    def _get_data(self) -> tuple[Any, Any]:
-        idx, data = super()._get_data()
-        if self._draining:
-            self._free(data)
-        return idx, data
-
-    def _next_data(self) -> Any:
-        data = super()._next_data()
-        if isinstance(data, SlotRef):
-            return self._pools[data.worker].lend(data, self._pin_tiles)
-        return pinned(data) if self._pin_tiles else data
-
-
-class _PinIter(_SingleProcessDataLoaderIter):
-    def _next_data(self) -> Any:
-        return pinned(super()._next_data())
-
-
 class TileLoader(DataLoader):
     """DataLoader for H5Tiles: batches from workers come through slots (see the module docstring).
 
     `pin_tiles` pins batches as they arrive (the DataLoader's own pin_memory would copy them once more).
+    `slot_pools` are the workers' pools: new ones for each start of workers, kept while persistent workers live.
     """
 
     pin_tiles = False
+    slot_pools: list[SlotPool] | None = None
 
-    def _get_iterator(self) -> Any:
-        pin = self.pin_tiles and torch.cuda.is_available()
-        if self.num_workers == 0:
-            return _PinIter(self) if pin else super()._get_iterator()
-        self.check_worker_number_rationality()
+    def _pools(self) -> list[SlotPool] | None:
         tile_bytes = getattr(self.dataset, "tile_bytes", None)
-        if not tile_bytes or not self.batch_size:
-            it = _PoolIter(self)
-        else:
+        if not self.num_workers or not tile_bytes or not self.batch_size:
+            return None
+        if self.slot_pools is None or not self.persistent_workers:
             slots = (self.prefetch_factor or 2) + 3  # in flight, plus those the training loop still holds
-            pools = [SlotPool(self.batch_size * tile_bytes, slots) for _ in range(self.num_workers)]
-            self.dataset.slot_pools = pools  # the workers fork (or unpickle the data set) in _PoolIter(self)
-            try:
-                it = _PoolIter(self)
-            finally:
-                self.dataset.slot_pools = None  # so that no other loader's workers write into these slots
-            it._pools = pools
-        it._pin_tiles = pin
-        return it
+            self.slot_pools = [SlotPool(self.batch_size * tile_bytes, slots) for _ in range(self.num_workers)]
+        return self.slot_pools
+
+    def __iter__(self) -> Iterator[Any]:
+        pin, pools = self.pin_tiles and torch.cuda.is_available(), self._pools()
+        if pools is None:
+            return self._received(super().__iter__(), pin)
+        self.dataset.slot_pools = pools  # workers start (fork, or unpickle the data set) in super().__iter__()
+        try:
+            return self._received(super().__iter__(), pin)
+        finally:
+            self.dataset.slot_pools = None  # so that no other loader's workers write into these slots
+
+    @staticmethod
+    def _received(batches: Iterator[Any], pin: bool) -> Iterator[Any]:
+        for data in batches:
+            if isinstance(data, SlotRef):
+                yield data.batch(pin)
+            else:
+                yield pinned(data) if pin else data
