@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.callbacks import TQDMProgressBar
 
+from glint_lightning.callbacks import progress
 from glint_lightning.callbacks.progress import EpochLines, RichProgress, console_progress
 from glint_lightning.callbacks.summary import format_summary
 from glint_lightning.train import train
@@ -82,6 +84,8 @@ def test_progress_is_a_bar_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Terminal())
     assert isinstance(console_progress(refresh_rate=10), RichProgress)
     assert isinstance(console_progress(refresh_rate=0), EpochLines), "refresh_rate=0: no per-step output"
+    monkeypatch.setattr(progress, "RICH", False)  # `rich` not installed: tqdm's bar
+    assert type(console_progress(refresh_rate=10)) is TQDMProgressBar
 
 
 def test_rich_bar_shows_the_chosen_metrics_and_logs_each_epoch(make_cfg, monkeypatch, caplog):

@@ -14,9 +14,9 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from glint_lightning.callbacks import FeatureMaps
+from glint_lightning.callbacks.finetuning import BATCH_NORMS
 from glint_lightning.train import build_module, train
 from glint_lightning.utils.errors import GlintError
 
@@ -30,7 +30,8 @@ class NormModes(L.Callback):
         self.out, self.parts, self.modes = Path(out), parts, {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        norms = [m for p in self.parts for m in pl_module.model.get_submodule(p).modules() if isinstance(m, _BatchNorm)]
+        parts = [pl_module.model.get_submodule(p) for p in self.parts]
+        norms = [m for part in parts for m in part.modules() if isinstance(m, BATCH_NORMS)]
         self.modes.setdefault(trainer.current_epoch, set()).update(bn.training for bn in norms)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -15,10 +15,13 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BaseFinetuning
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import nn
 from torch.optim import Optimizer
 
 from glint_lightning.models.common import model_part
+
+# torch's public batch norm layers (lazy ones become these on their first batch; torch's common base is private)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class FreezeParts(BaseFinetuning):
@@ -28,7 +31,7 @@ class FreezeParts(BaseFinetuning):
     def __init__(self, parts: Sequence[str] = (), unfreeze_at_epoch: int | None = None) -> None:
         super().__init__()
         self.parts, self.unfreeze_at_epoch = list(parts or []), unfreeze_at_epoch
-        self._frozen_bn: list[_BatchNorm] = []
+        self._frozen_bn: list[nn.Module] = []
         self._unfrozen = False  # saved in checkpoints: loops are restored only after on_fit_start
 
     def _modules(self, pl_module: L.LightningModule) -> dict[str, Any]:
@@ -37,7 +40,7 @@ class FreezeParts(BaseFinetuning):
     def freeze_before_training(self, pl_module: L.LightningModule) -> None:
         modules = self._modules(pl_module)
         self.freeze(list(modules.values()), train_bn=False)
-        self._frozen_bn = [m for mod in modules.values() for m in mod.modules() if isinstance(m, _BatchNorm)]
+        self._frozen_bn = [m for mod in modules.values() for m in mod.modules() if isinstance(m, BATCH_NORMS)]
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "unfrozen": self._unfrozen}

@@ -11,6 +11,7 @@ Either way the same line goes to the logger `glint_lightning.progress`, which th
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import sys
@@ -21,9 +22,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress import ProgressBar
-from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 log = logging.getLogger("glint_lightning.progress")
+RICH = importlib.util.find_spec("rich") is not None  # Lightning's optional bar
 
 
 class _EpochRecord:
@@ -122,6 +123,6 @@ def console_progress(
     """
     if refresh_rate <= 0 or not sys.stdout.isatty():
         return EpochLines(metrics)
-    if _RICH_AVAILABLE:
+    if RICH:
         return RichProgress(metrics, refresh_rate=refresh_rate, leave=leave)
     return TQDMProgressBar(refresh_rate=refresh_rate, leave=leave)
