@@ -9,7 +9,7 @@ ARGS ?=
 # The extras every developer and CI gets; requirements.lock pins all of them (and their dependencies) exactly.
 EXTRAS := dev,smp,export,sweep,mlflow,docs
 
-.PHONY: install lock train test test-fast bench lint format clean
+.PHONY: install lock train test test-fast bench lint format docs docs-serve docs-figures clean
 
 install: $(STAMP)
 
@@ -56,6 +56,17 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.quickstart --keep outputs/bench/quickstart
 	$(PY) -m benchmarks.tta --run-dir outputs/bench/quickstart/quickstart
 
+# The documentation site (mkdocs.yml, docs/): built with --strict, so a broken link or API reference fails.
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	$(VENV)/bin/mkdocs serve
+
+# Every figure of the docs, regenerated from a real demo run on this machine.
+docs-figures: $(STAMP)
+	$(PY) docs/make_figures.py
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -65,4 +76,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 clean:
-	rm -rf $(VENV) outputs/cache .pytest_cache
+	rm -rf $(VENV) outputs/cache .pytest_cache site
