@@ -4,10 +4,10 @@ Reads every job's overrides (`.hydra/overrides.yaml`) and results (`metrics.json
 duration, checkpoints), and writes `report.md`, `report.csv` and `report.png` (the metric per job, best first) into
 the sweep folder. Jobs without results (failed or still running) are listed as such, last.
 
-A sweep folder of an Optuna study kept in a file (`hparams_search=optuna`; the folder holds `optuna_study.yaml`) is
-reported as the whole study, since a relaunch after a crash continues the study in a new sweep folder: one row per
-trial of the study file (its state, parameters and value), with the run data of its job folder wherever that is.
-The study file is read as JSON: reporting needs no Optuna.
+A sweep folder of an Optuna study (`hparams_search=optuna`; the folder holds `optuna_study.yaml`, naming the study's
+storage) is reported as the whole study, since a relaunch after a crash, or a second launch, runs its trials in
+another sweep folder: one row per trial of the study (read with `optuna.load_study`: its state, parameters and
+value), with the run data of its job folder wherever that is. Optuna is imported only for such a folder.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.optuna_storage import PRUNING_OVERRIDE, STUDY_POINTER, open_storage, storage_url
 
-STUDY_POINTER = "optuna_study.yaml"  # written by glint_lightning.runs.optuna_sweep into each sweep folder of a study
 TRIAL_STATUS = {"COMPLETE": "done", "FAIL": "failed", "RUNNING": "running", "PRUNED": "pruned", "WAITING": "waiting"}
 
 
@@ -44,7 +44,9 @@ def run_data(job: Path) -> dict[str, Any]:
 
 def _overrides(job: Path) -> list[str] | None:
     file = job / ".hydra" / "overrides.yaml"
-    return (yaml.safe_load(file.read_text()) or []) if file.is_file() else None
+    if not file.is_file():
+        return None
+    return [o for o in yaml.safe_load(file.read_text()) or [] if not o.startswith(PRUNING_OVERRIDE)]
 
 
 def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -60,27 +62,38 @@ def job_rows(sweep_dir: Path) -> list[dict[str, Any]]:
 
 def study_rows(pointer: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]] | None:
     """One row per trial of the study `pointer` names, and the sweep folders of its launches; None when its
-    study file is gone."""
-    study_file = Path(pointer["storage"])
-    if not study_file.is_file():
+    storage is gone (a file storage whose file was removed)."""
+    import optuna
+
+    from glint_lightning.runs import optuna_sweep as sweep
+
+    url = storage_url(str(pointer["storage"]))
+    if "://" not in url.removeprefix("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         return None
-    studies = json.loads(study_file.read_text()).get("studies", [])
-    study = next((s for s in studies if s["name"] == pointer["study_name"]), None)
-    if study is None:
-        raise GlintError(f"{study_file}: no study named {pointer['study_name']}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=pointer["study_name"], storage=open_storage(str(pointer["storage"])))
+    except KeyError:
+        raise GlintError(f"{pointer['storage']}: no study named {pointer['study_name']}") from None
     rows, sweeps = [], []
-    for trial in study["trials"]:
-        attrs = trial.get("system_attrs", {})
-        job = Path(attrs["hydra_sweep_dir"]) / str(attrs["hydra_job_num"]) if "hydra_sweep_dir" in attrs else None
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        job = (
+            Path(attrs[sweep.SWEEP_DIR_ATTR]) / str(attrs[sweep.JOB_NUM_ATTR])
+            if sweep.SWEEP_DIR_ATTR in attrs
+            else None
+        )
         if job is not None and str(job.parent) not in sweeps:
             sweeps.append(str(job.parent))
         data = run_data(job) if job else {}
-        if not data and trial.get("values"):  # no run data (job folder gone): the value the study recorded
-            data = {"optimized_metric": pointer.get("optimized_metric"), "best_score": trial["values"][0]}
-        params = {**trial["params"], **trial.get("user_attrs", {})}  # the sweeper's choices, then fixed overrides
-        overrides = (_overrides(job) if job else None) or [f"{k}={v}" for k, v in params.items()]
-        status = TRIAL_STATUS.get(trial["state"], trial["state"].lower())
-        rows.append({"job": str(trial["number"]), "overrides": overrides, "status": status, **data})
+        if not data and trial.values:  # no run data (job folder gone): the value the study recorded
+            data = {"optimized_metric": pointer.get("optimized_metric"), "best_score": trial.values[0]}
+        params = [*attrs.get(sweep.FIXED_ATTR, []), *(f"{k}={v}" for k, v in trial.params.items())]
+        overrides = (_overrides(job) if job else None) or params
+        status = TRIAL_STATUS.get(trial.state.name, trial.state.name.lower())
+        if attrs.get(sweep.CUT_SHORT_ATTR):
+            status += " (cut short, ran again)"
+        rows.append({"job": str(trial.number), "overrides": overrides, "status": status, **data})
     return rows, sweeps
 
 

@@ -10,8 +10,9 @@ import optuna
 import pytest
 import yaml
 
-from glint_lightning.report import STUDY_POINTER, write_report
-from glint_lightning.runs.optuna_sweep import StudyFile
+from glint_lightning.report import write_report
+from glint_lightning.runs.optuna_sweep import FIXED_ATTR, JOB_NUM_ATTR, SWEEP_DIR_ATTR
+from glint_lightning.utils.optuna_storage import STUDY_POINTER, open_storage
 from tests.helpers import run_cli
 
 
@@ -90,41 +91,55 @@ def test_cfg_job_prints_the_options(tmp_path):
     assert yaml.safe_load(res.stdout) == {"dir": "some/sweep", "metric": None}
 
 
-@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # enqueue_trial
-def test_a_sweep_folder_of_a_study_reports_every_trial_of_every_launch(tmp_path):
-    """Launch 1 ran trial 0 (done) and was killed in trial 1; launch 2 ran trial 2, whose job folder is gone since;
-    trial 3 is still running. Any sweep folder of the study gives the same table of the 4 trials."""
+@pytest.mark.parametrize("storage", ["s.db", "s.log"])  # SQLite, journal file: read with optuna.load_study
+def test_a_sweep_folder_of_a_study_reports_every_trial_of_every_launch(tmp_path, storage):
+    """Launch 1 ran trial 0 (done) and was killed in trial 1; launch 2 ran trial 2, whose job folder is gone since,
+    and trial 3, pruned; trial 4 is still running. Any sweep folder of the study gives the same table."""
     first, second = tmp_path / "multirun" / "a", tmp_path / "multirun" / "b"
     _job(first, "0", ["optimizer.lr=0.001", "seed=1"], best=0.4)
     _job(first, "1", ["optimizer.lr=0.002", "seed=1"])
-    storage = StudyFile(tmp_path / "optuna" / "s.json")
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    launches = [(first, 0.001, "COMPLETE", 0.4), (first, 0.002, "FAIL", None)]
-    launches += [(second, 0.003, "COMPLETE", 0.45), (second, 0.004, "RUNNING", None)]
+    _job(second, "3", ["optimizer.lr=0.005", "seed=1", "+callbacks.optuna_pruning.trial=3"], best=0.2)
+    url = str(tmp_path / "optuna" / storage)
+    study = optuna.create_study(study_name="s", storage=open_storage(url), direction="maximize")
+    launches = [(first, 0.001, "COMPLETE", 0.4), (first, 0.002, "FAIL", None), (second, 0.003, "COMPLETE", 0.45)]
+    launches += [(second, 0.005, "PRUNED", 0.2), (second, 0.004, "RUNNING", None)]
     for number, (sweep, lr, state, value) in enumerate(launches):
         study.enqueue_trial({"optimizer.lr": lr})
         trial = study.ask()
         trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
-        trial.set_user_attr("seed", 1)  # a fixed override, as the sweeper records it
-        trial.set_system_attr("hydra_sweep_dir", str(sweep))
-        trial.set_system_attr("hydra_job_num", number)
-        if state != "RUNNING":
+        trial.set_user_attr(FIXED_ATTR, ["seed=1"])  # as the sweeper records a trial
+        trial.set_user_attr(SWEEP_DIR_ATTR, str(sweep))
+        trial.set_user_attr(JOB_NUM_ATTR, number)
+        if state == "PRUNED":
+            trial.report(value, step=0)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif state != "RUNNING":
             study.tell(trial, value, state=optuna.trial.TrialState[state])
-    storage.close()
     for sweep in (first, second):
         sweep.mkdir(parents=True, exist_ok=True)
-        pointer = {"storage": str(storage.path), "study_name": "s", "optimized_metric": "val/iou"}
+        pointer = {"storage": url, "study_name": "s", "optimized_metric": "val/iou"}
         (sweep / STUDY_POINTER).write_text(yaml.safe_dump(pointer))
 
     tables = [write_report(sweep)["md"].read_text() for sweep in (first, second)]
-    assert tables[0] == tables[1] and tables[1].startswith(f"# Optuna study s ({storage.path})")
+    assert tables[0] == tables[1] and tables[1].startswith(f"# Optuna study s ({url})")
     with open(second / "report.csv") as f:
         rows = [(r["job"], r["overrides"], r["status"], r["val/iou"]) for r in csv.DictReader(f)]
     assert rows == [
         ("2", "optimizer.lr=0.003", "done", "0.45"),  # the value the study recorded (no run data left)
         ("0", "optimizer.lr=0.001", "done", "0.4"),  # best_score from its metrics.json
+        ("3", "optimizer.lr=0.005", "pruned", "0.2"),  # the pruning callback's wiring is no parameter
         ("1", "optimizer.lr=0.002", "failed", ""),
-        ("3", "optimizer.lr=0.004", "running", ""),
+        ("4", "optimizer.lr=0.004", "running", ""),
     ]
-    assert f"4 trials, launched in 2 sweep folder(s): {first}, {second}" in tables[1]
-    assert "Overrides common to all 4 jobs: `seed=1`" in tables[1]
+    assert f"5 trials, launched in 2 sweep folder(s): {first}, {second}" in tables[1]
+    assert "Overrides common to all 5 jobs: `seed=1`" in tables[1]
+
+
+def test_a_study_whose_storage_file_is_gone_is_reported_as_its_jobs(tmp_path, capsys):
+    sweep = _sweep(tmp_path)
+    pointer = {"storage": str(tmp_path / "gone.db"), "study_name": "s", "optimized_metric": "val/iou"}
+    (sweep / STUDY_POINTER).write_text(yaml.safe_dump(pointer))
+    table = write_report(sweep)["md"].read_text()
+    assert table.startswith(f"# Sweep {sweep}") and table.count("| done |") == 2
+    assert f"{tmp_path / 'gone.db'}: no such study file" in capsys.readouterr().err
+    assert not (tmp_path / "gone.db").exists(), "reporting creates no database"

@@ -1,8 +1,8 @@
-"""Optuna sweeps (studies that survive a crash), launchers and experiment configs."""
+"""Optuna sweeps (our sweeper on Optuna's own storage: resume, shared studies, pruning), launchers and experiment
+configs. Sweeper behaviour is tested on a tiny task app (tests/optuna_task.py); real trainings end to end."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -15,16 +15,19 @@ import optuna
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from glint_lightning.report import STUDY_POINTER, write_report
-from glint_lightning.runs.optuna_sweep import ResumableSweep, StudyFile, check_database_url
+from glint_lightning.report import write_report
+from glint_lightning.runs.optuna_sweep import CUT_SHORT_ATTR, LAUNCH_ATTR, distribution, search_space
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
-from tests.helpers import TINY, run_cli
+from glint_lightning.utils.optuna_storage import STUDY_POINTER, make_pruner, open_storage, storage_url
+from tests.helpers import REPO, TINY, run_cli
 
 FAST = [*TINY, "trainer.max_epochs=1", "test=false"]
+ALWAYS_PRUNE = ["hydra.sweeper.pruner=threshold", "hydra.sweeper.pruner_args={lower: 2.0}"]  # IoU is never >= 2
 
 
 def _compose(*overrides: str):
@@ -32,55 +35,45 @@ def _compose(*overrides: str):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
 
 
-@pytest.mark.slow
-def test_optuna_records_a_diverging_trial_as_failed_and_goes_on(tmp_path, cache_dir):
-    # Seed 0's TPE start-up draws lr=1e30 (NaN loss) for trials 0 and 1 and lr=1e-3 for trial 2.
-    params = 'hydra.sweeper.params={optimizer.lr: "choice(1e-3, 1e30)", optimizer.weight_decay: "interval(0, 0.01)"}'
-    res = run_cli(
-        "glint_lightning.train",
-        "hparams_search=optuna",
-        "hydra.sweeper.n_trials=3",
-        params,
-        *FAST,
-        cwd=tmp_path,
-        env={"GLINT_CACHE_DIR": str(cache_dir)},
+def test_hydra_sweep_expressions_become_optuna_distributions():
+    space, fixed = search_space(
+        [
+            "optimizer.lr=tag(log, interval(1e-4, 1e-2))",
+            "loss.weights.dice=interval(0.25, 2.0)",
+            "model.depth=tag(int, interval(2, 5))",
+            "model.base_channels=choice(16, 32, 64)",
+            "loss=bce,dice",
+            "seed=range(0, 10, 3)",
+            "trainer.max_epochs=3",
+            "model.depth=range(2, 4)",  # a later override of the same key wins
+        ]
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    sweep = next((tmp_path / "outputs/multirun").glob("*/*"))
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1", "2"]
-    done = [p.name for p in jobs if (p / "metrics.json").is_file()]
-    failed = [line for line in res.stderr.splitlines() if line.startswith("error: train/loss is nan")]
-    assert done == ["2"] and len(failed) == 2, res.stderr[-3000:]
-    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert results["best_params"]["optimizer.lr"] == 0.001
-    assert results["best_value"] == pytest.approx(json.loads((jobs[2] / "metrics.json").read_text())["best_score"])
-
-    study = _study(tmp_path / "outputs/optuna/glint.json")
-    assert [t["state"] for t in study["trials"]] == ["FAIL", "FAIL", "COMPLETE"]
-
-    out = write_report(sweep)
-    table = out["md"].read_text()
-    assert table.index("| 2 |") < table.index("| 0 |"), "the finished trial first, failed ones after"
-    assert table.count("| failed |") == 2
+    assert space == {
+        "optimizer.lr": FloatDistribution(1e-4, 1e-2, log=True),
+        "loss.weights.dice": FloatDistribution(0.25, 2.0),
+        "model.depth": IntDistribution(2, 3),
+        "model.base_channels": CategoricalDistribution([16, 32, 64]),
+        "loss": CategoricalDistribution(["bce", "dice"]),
+        "seed": IntDistribution(0, 9, step=3),
+    }
+    assert fixed == ["trainer.max_epochs=3"]
+    (glob,) = OverridesParser.create().parse_overrides(["loss=glob(*)"])
+    with pytest.raises(GlintError, match=r"loss=glob\(\*\): Optuna cannot sample it"):
+        distribution("loss", glob)
 
 
-@pytest.mark.slow
-def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
-    res = run_cli(
-        "glint_lightning.train",
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "loss=bce,dice",
-        *FAST,
-        cwd=tmp_path,
-        env={"GLINT_CACHE_DIR": str(cache_dir)},
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    jobs = sorted((tmp_path / "outputs/multirun").glob("*/*/[0-9]"))
-    assert [json.loads((j / "metrics.json").read_text())["best_score"] is not None for j in jobs] == [True, True]
-    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
+def test_storage_specs_name_optuna_storages_and_pruners_by_name(tmp_path):
+    assert storage_url(str(tmp_path / "a.db")) == f"sqlite:///{tmp_path}/a.db"
+    assert storage_url(str(tmp_path / "a.log")) == str(tmp_path / "a.log")
+    assert storage_url("postgresql://host/db") == "postgresql://host/db"
+    assert isinstance(open_storage(str(tmp_path / "sub" / "a.log")), optuna.storages.JournalStorage)
+    assert isinstance(open_storage(str(tmp_path / "sub" / "a.db")), optuna.storages.RDBStorage)
+    assert isinstance(make_pruner("none"), optuna.pruners.NopPruner)
+    median = make_pruner("median", {"n_startup_trials": 2})
+    assert isinstance(median, optuna.pruners.MedianPruner)
+    assert isinstance(make_pruner("successive_halving"), optuna.pruners.SuccessiveHalvingPruner)
+    with pytest.raises(GlintError, match="hydra.sweeper.pruner=medain: no such Optuna pruner"):
+        make_pruner("medain")
 
 
 @pytest.mark.parametrize(
@@ -91,10 +84,12 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
             "hydra.sweeper._target_",
             "hydra_plugins.glint_optuna_sweeper.GlintOptunaSweeper",
         ),
-        (["hparams_search=optuna"], "hydra.sweeper.storage", "outputs/optuna/glint.json"),
-        (["hparams_search=optuna", "hydra.sweeper.study_name=lr"], "hydra.sweeper.storage", "outputs/optuna/lr.json"),
+        (["hparams_search=optuna"], "hydra.sweeper.storage", "outputs/optuna/glint.db"),
+        (["hparams_search=optuna", "hydra.sweeper.study_name=lr"], "hydra.sweeper.storage", "outputs/optuna/lr.db"),
         (["hparams_search=optuna"], "hydra.sweeper.params.optimizer.lr", "tag(log, interval(1e-4, 1e-2))"),
         (["hparams_search=optuna"], "hydra.sweeper.direction", "maximize"),
+        (["hparams_search=optuna"], "hydra.sweeper.pruner", "none"),
+        (["hparams_search=optuna", "seed=7"], "hydra.sweeper.sampler.seed", 7),
         (
             ["hydra/launcher=joblib"],
             "hydra.launcher._target_",
@@ -120,141 +115,183 @@ def test_sweep_and_launcher_configs_compose(overrides, key, expected):
     assert node[leaf] == expected
 
 
-def _study(path: Path, name: str = "glint") -> dict:
-    """A study as its file stores it (JSON: what glint-report reads)."""
-    return next(s for s in json.loads(path.read_text())["studies"] if s["name"] == name)
+# --- the sweeper on a tiny task app --------------------------------------------------------------------------------
 
 
-def _trial(study: optuna.Study, value: float | None) -> None:
-    """Ask for a trial and tell its value; None leaves it running (as a killed launch does)."""
-    trial = study.ask()
-    trial.suggest_float("optimizer.lr", 1e-4, 1e-2, log=True)
-    trial.suggest_categorical("model.base_channels", [16, 32])
-    if value is not None:
-        study.tell(trial, value)
+class TaskSweep:
+    """`python -m tests.optuna_task -m` over x in [0, 1], its study in <tmp>/study.db, its jobs' traces in <tmp>/out."""
+
+    def __init__(self, tmp_path: Path, n_trials: int, **task: object) -> None:
+        self.root, self.out, self.db = tmp_path, tmp_path / "out", tmp_path / "study.db"
+        self.out.mkdir(exist_ok=True)
+        config = {
+            "defaults": [{"override hydra/sweeper": "glint_optuna"}, "_self_"],
+            "x": 0.0,
+            "out": str(self.out),
+            "fail_above": task.get("fail_above"),
+            "hydra": {
+                "searchpath": [f"file://{CONFIG_DIR}"],
+                "sweep": {"dir": str(tmp_path / "multirun" / "${now:%H-%M-%S-%f}")},
+                "sweeper": {"storage": str(self.db), "n_trials": n_trials, "sampler": {"seed": 0}},
+            },
+        }
+        (tmp_path / "task.yaml").write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+    def popen(self) -> subprocess.Popen:
+        args = ["--config-dir", str(self.root), "-m", "hydra.sweeper.params={x: 'interval(0, 1)'}"]
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.optuna_task", *args],
+            cwd=self.root,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+    def run(self) -> str:
+        proc = self.popen()
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out[-3000:]
+        return out
+
+    def started(self, job: int) -> list[Path]:
+        return list(self.out.glob(f"started_{job}_*"))
+
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(study_name="glint", storage=f"sqlite:///{self.db}").trials
 
 
-def test_study_file_keeps_trials_and_is_used_by_one_launch_at_a_time(tmp_path):
-    path = tmp_path / "optuna" / "s.json"  # the folder is made
-    storage = StudyFile(path)
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    for value in (0.5, None):  # one complete trial, one left running
-        _trial(study, value)
-    with pytest.raises(GlintError, match="another launch is running this study"):
-        StudyFile(path)
-    storage.close()
-
-    again = optuna.load_study(study_name="s", storage=StudyFile(path))
-    assert [t.state for t in again.trials] == [TrialState.COMPLETE, TrialState.RUNNING]
-    assert again.best_value == 0.5 and again.best_params == study.trials[0].params
-    assert again.trials[0].distributions == study.trials[0].distributions
-    assert again.trials[0].datetime_complete == study.trials[0].datetime_complete
-    assert again.direction == optuna.study.StudyDirection.MAXIMIZE
-
-
-def test_a_file_that_is_not_a_study_is_refused_in_one_line(tmp_path):
-    (tmp_path / "s.json").write_text('{"trials": []}')
-    with pytest.raises(GlintError, match=r"s.json: not a study file of this framework"):
-        StudyFile(tmp_path / "s.json")
-
-
-def _sweep(tmp_path: Path, n_trials: int, direction: str = "maximize") -> ResumableSweep:
-    sweep = ResumableSweep(
-        sampler=optuna.samplers.TPESampler(seed=0),
-        direction=direction,
-        storage=str(tmp_path / "s.json"),
-        study_name="s",
-        n_trials=n_trials,
-        n_jobs=1,
-        max_failure_rate=1.0,
-        search_space=None,
-        custom_search_space=None,
-        params=None,
-    )
-    sweep.config, sweep.sweep_dir = OmegaConf.create({"optimized_metric": "val/iou"}), str(tmp_path / "sweep2")
-    return sweep
-
-
-def test_a_relaunch_fails_the_trials_left_running_and_runs_only_the_missing_ones(tmp_path):
-    storage = StudyFile(tmp_path / "s.json")
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    for value in (0.5, None):  # launch 1: trial 0 done, trial 1 running when the launch was killed
-        _trial(study, value)
-    storage.close()
-
-    sweep = _sweep(tmp_path, n_trials=5)
-    resumed = sweep._resume(StudyFile(tmp_path / "s.json"))
-    trials = optuna.load_study(study_name="s", storage=resumed).trials
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
-    assert (sweep.n_trials, sweep.job_idx) == (3, 2), "5 in total, 2 finished; job folders numbered by trial"
-    pointer = yaml.safe_load((tmp_path / "sweep2" / STUDY_POINTER).read_text())
-    assert pointer == {"storage": str(tmp_path / "s.json"), "study_name": "s", "optimized_metric": "val/iou"}
-    resumed.close()
-
-    full = _sweep(tmp_path, n_trials=2)
-    full._resume(StudyFile(tmp_path / "s.json")).close()
-    assert full.n_trials == 0, "n_trials already reached: nothing to run"
-    with pytest.raises(GlintError, match=r"study s was started with direction \['maximize'\], not \['minimize'\]"):
-        _sweep(tmp_path, n_trials=5, direction="minimize")._resume(StudyFile(tmp_path / "s.json"))
-
-
-def test_a_database_this_optuna_cannot_use_is_refused_in_one_line():
-    import sqlalchemy
-
-    if int(optuna.__version__.split(".")[0]) >= 3 or int(sqlalchemy.__version__.split(".")[0]) < 2:
-        pytest.skip("this Optuna can use this SQLAlchemy")
-    with pytest.raises(GlintError, match=r"storage=sqlite:///o.db: optuna .* cannot use SQLAlchemy .*\.json"):
-        check_database_url("sqlite:///o.db")
-
-
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+def _wait_for(condition, *procs: subprocess.Popen, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not condition():
-        if proc.poll() is not None or time.monotonic() > end:
-            proc.kill()
-            pytest.fail(f"the sweep ended or stalled before the kill: {proc.communicate()[1][-3000:]}")
+        if any(p.poll() is not None for p in procs) or time.monotonic() > end:
+            for p in procs:
+                p.kill()
+            pytest.fail("a launch ended or stalled: " + " / ".join(p.communicate()[0][-2000:] for p in procs))
         time.sleep(0.05)
 
 
-@pytest.mark.slow
-def test_a_sweep_killed_mid_way_continues_where_it_was_on_relaunch(tmp_path, cache_dir):
-    params = 'hydra.sweeper.params={optimizer.lr: "interval(1e-3, 1e-2)"}'
-    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=3", params, *FAST]
-    env = {**os.environ, "GLINT_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    study_file = tmp_path / "outputs/optuna/glint.json"
-
-    def second_trial_running() -> bool:
-        states = [t["state"] for t in _study(study_file)["trials"]] if study_file.is_file() else []
-        return states == ["COMPLETE", "RUNNING"]
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "glint_lightning.train", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    _wait_for(second_trial_running, proc)
+def test_a_sweep_killed_in_its_second_trial_ends_with_all_its_trials_complete_on_relaunch(tmp_path):
+    sweep = TaskSweep(tmp_path, n_trials=3)
+    (sweep.out / "hold_1").touch()  # trial 1 waits: the launch is killed in it
+    proc = sweep.popen()
+    _wait_for(lambda: sweep.started(1), proc)
     os.killpg(proc.pid, signal.SIGKILL)  # the sweeper and its trial, as a crash or an OOM kill would
     proc.communicate()
-    first = _study(study_file)["trials"][0]
+    (sweep.out / "hold_1").unlink()
+    assert [t.state for t in sweep.trials()] == [TrialState.COMPLETE, TrialState.RUNNING]
+    first = sweep.trials()[0]
 
+    log = sweep.run()
+    assert "Trial 1 was left running by a launch that stopped: marked failed, its parameters run again" in log
+    trials = sweep.trials()
+    states = [t.state for t in trials]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE], log[-3000:]
+    assert trials[1].user_attrs[CUT_SHORT_ATTR] and CUT_SHORT_ATTR not in trials[2].user_attrs
+    assert trials[2].params == trials[1].params, "the cut-short trial's parameters ran again"
+    assert trials[3].params != first.params, "the relaunch's sampler does not repeat the first draws"
+    assert (trials[0].params, trials[0].value) == (first.params, first.value), "the first trial is kept as it was"
+    assert len({t.user_attrs[LAUNCH_ATTR] for t in trials}) == 2
+
+    sweeps = sorted((tmp_path / "multirun").iterdir())
+    assert [sorted(p.name for p in s.iterdir() if p.is_dir()) for s in sweeps] == [["0", "1"], ["2", "3"]]
+    rows = _report_rows(sweeps[0])
+    assert {job: status for job, status, _ in rows} == {
+        "0": "done",
+        "1": "failed (cut short, ran again)",
+        "2": "done",
+        "3": "done",
+    }
+    values = {str(t.number): pytest.approx(t.value, abs=1e-4) for t in trials if t.value is not None}
+    assert {job: float(v) for job, _, v in rows if v} == values, "the value each trial told the study"
+    assert sweep.run().count("0 to run") == 1, "n_trials reached: a third launch runs nothing"
+    assert len(sweep.trials()) == 4
+
+
+def _report_rows(sweep_dir: Path) -> list[tuple[str, str, str]]:
+    """(job, status, value) of each row of glint-report's table for the task app's study (metric: val/iou)."""
+    pointer = yaml.safe_load((sweep_dir / STUDY_POINTER).read_text())
+    pointer["optimized_metric"] = "val/iou"
+    (sweep_dir / STUDY_POINTER).write_text(yaml.safe_dump(pointer))
+    lines = write_report(sweep_dir)["md"].read_text().splitlines()
+    cells = [
+        [c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("| ") and "job" not in line
+    ]
+    return [(c[0], c[2], c[3]) for c in cells]
+
+
+def test_a_trial_that_fails_by_itself_counts_and_is_not_run_again(tmp_path):
+    sweep = TaskSweep(tmp_path, n_trials=3, fail_above=0.6)
+    log = sweep.run()
+    trials = sweep.trials()
+    assert len(trials) == 3, "failed trials count toward n_trials"
+    assert [t.state for t in trials] == [
+        TrialState.FAIL if t.params["x"] > 0.6 else TrialState.COMPLETE for t in trials
+    ]
+    assert TrialState.FAIL in {t.state for t in trials} and "ValueError: x=" in log
+    assert not any(t.user_attrs.get(CUT_SHORT_ATTR) for t in trials)
+
+
+def test_two_launches_at_once_share_one_study_and_stop_together_at_n_trials(tmp_path):
+    sweep = TaskSweep(tmp_path, n_trials=4)
+    for job in (0, 1):
+        (sweep.out / f"hold_{job}").touch()
+    first = sweep.popen()
+    _wait_for(lambda: sweep.started(0), first)
+    second = sweep.popen()  # opens the study while the first launch's trial 0 runs
+    _wait_for(lambda: sweep.started(1), first, second)
+    running = sweep.trials()
+    assert [t.state for t in running] == [TrialState.RUNNING, TrialState.RUNNING], "the second does not fail trial 0"
+    assert running[0].user_attrs[LAUNCH_ATTR] != running[1].user_attrs[LAUNCH_ATTR]
+    for job in (0, 1):
+        (sweep.out / f"hold_{job}").unlink()
+    logs = [p.communicate(timeout=240)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], logs
+
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4, "together: n_trials=4, none failed"
+    assert [len(sweep.started(t.number)) for t in trials] == [1, 1, 1, 1], "each trial ran once"
+    assert len({t.user_attrs[LAUNCH_ATTR] for t in trials}) == 2
+    assert len({t.params["x"] for t in trials}) == 4, "the two seeded samplers do not draw the same values"
+
+
+# --- real trainings ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_optuna_sweep_trains_prunes_and_reports_every_trial(tmp_path, cache_dir):
+    params = 'hydra.sweeper.params={optimizer.lr: "tag(log, interval(1e-3, 1e-2))"}'
+    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", params, *ALWAYS_PRUNE, *TINY, "test=false"]
     res = run_cli("glint_lightning.train", *args, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "Trial 1 was left running by a launch that stopped: marked failed" in res.stdout + res.stderr
-    trials = _study(study_file)["trials"]
-    assert [t["state"] for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"], "n_trials=3 in total: one more ran"
-    assert trials[0] == first, "the first trial is kept as it was"
-    assert trials[2]["params"] != first["params"], "the relaunch's sampler does not repeat the first draws"
-    sweeps = sorted((tmp_path / "outputs/multirun").glob("*/*"))
-    assert len(sweeps) == 2 and [p.name for p in sweeps[1].iterdir() if p.is_dir()] == ["2"]
-    assert trials[2]["system_attrs"] == {"hydra_sweep_dir": str(sweeps[1]), "hydra_job_num": 2}
+    study = optuna.load_study(study_name="glint", storage=f"sqlite:///{tmp_path}/outputs/optuna/glint.db")
+    assert [t.state for t in study.trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    sweep = next((tmp_path / "outputs/multirun").glob("*/*"))
+    for trial in study.trials:
+        summary = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+        assert summary["pruned_at_epoch"] == 0 and summary["epochs"] == 1, "stopped after its first epoch of 2"
+        assert trial.intermediate_values == {0: pytest.approx(summary["final"]["val/iou"], abs=1e-6)}
+        assert trial.value == trial.intermediate_values[0], "recorded PRUNED with its last value"
+    table = write_report(sweep)["md"].read_text()
+    assert table.count("| pruned |") == 2 and "callbacks.optuna_pruning" not in table
+    assert "optimizer.lr=" in table
 
-    with open(write_report(sweeps[1])["csv"]) as f:  # from either sweep folder: every trial of the study
-        rows = {r["job"]: r for r in csv.DictReader(f)}
-    assert {job: r["status"] for job, r in rows.items()} == {"0": "done", "2": "done", "1": "failed"}
-    assert float(rows["0"]["val/iou"]) == pytest.approx(first["values"][0])
-    assert rows["0"]["best_checkpoint"].startswith(str(sweeps[0] / "0")), "trial 0's run data, from launch 1"
+
+@pytest.mark.slow
+def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
+    res = run_cli(
+        "glint_lightning.train",
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "loss=bce,dice",
+        *FAST,
+        cwd=tmp_path,
+        env={"GLINT_CACHE_DIR": str(cache_dir)},
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    jobs = sorted((tmp_path / "outputs/multirun").glob("*/*/[0-9]"))
+    assert [json.loads((j / "metrics.json").read_text())["best_score"] is not None for j in jobs] == [True, True]
+    assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
