@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.callbacks import CheckpointOnInterrupt, ResumeSchedule
+from glint_lightning.callbacks.optuna_pruning import OptunaPruning
 from glint_lightning.checkpoints.io import remove_stale_temporaries
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.checkpoints.resume import (
@@ -207,6 +208,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> float | No
         "best_score": float(best_cb.best_model_score) if best_cb and best_cb.best_model_score is not None else None,
         "duration_s": round(time.monotonic() - started, 1),
         "final": _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}),
+        **OptunaPruning.summary(trainer),  # pruned_at_epoch: an Optuna pruner stopped this trial
     }
     if cfg.get("calibrate_threshold") and summary["best_checkpoint"]:
         if trainer.is_global_zero:
