@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny demo data set, Hydra-composed configs for tiny CPU runs, a trained checkpoint, the
-library's log lines. Plain helpers live in tests/helpers.py."""
+"""Shared fixtures: a tiny demo data set, Hydra-composed configs for tiny CPU runs, one trained run (with a test
+split) shared by the session, the library's log lines. Plain helpers live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from glint_lightning.utils.config_dir import CONFIG_DIR
-from tests.helpers import TINY, TINY_MODEL
+from tests.helpers import EXACT, TINY, TINY_MODEL
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -56,17 +57,40 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     return _make
 
 
-@pytest.fixture(scope="session")
-def trained_ckpt(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
-    """A tiny U-Net trained for one epoch on the demo data; its last.ckpt."""
+def train_once(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path, name: str, *overrides: str) -> Path:
+    """Train TINY + overrides into a fresh session-wide run dir (outputs_root is that dir too); return the run dir.
+    For session fixtures: each training a session shares is paid for once."""
     from glint_lightning.train import train
 
-    run = tmp_path_factory.mktemp("trained")
+    run = tmp_path_factory.mktemp(name)
     fixed = [f"paths.output_dir={run}", f"paths.outputs_root={run}", f"paths.cache_dir={cache_dir}"]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, *fixed, "trainer.max_epochs=1", "test=false"])
+        cfg = compose("train", overrides=[*TINY, *fixed, *overrides])
     train(cfg)
-    return run / "checkpoints" / "last.ckpt"
+    return run
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """One tiny U-Net run shared by the whole session: TINY on the demo data (48 train / 16 val / 16 test tiles of
+    32 px, batches of 8), one epoch (global step 6), threshold calibrated, the best checkpoint scored on the test
+    split. Its run dir holds checkpoints/{last,best-epoch000}.ckpt, metrics.json (with "test"), data.json,
+    provenance.json, tensorboard/ and csv/metrics.csv. Read it; write your own outputs elsewhere (tmp_path)."""
+    return train_once(tmp_path_factory, cache_dir, "trained", "trainer.max_epochs=1", "logger=[tensorboard,csv]")
+
+
+@pytest.fixture(scope="session")
+def trained_ckpt(trained_run: Path) -> Path:
+    """The shared run's last.ckpt (one epoch, global step 6)."""
+    return trained_run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def exact_straight(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights after TINY + EXACT trained straight through its 2 epochs (12 steps): what every resumed run
+    (after a signal, a crash or a stop at an epoch's end) must reproduce."""
+    run = train_once(tmp_path_factory, cache_dir, "straight", *EXACT)
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 @pytest.fixture

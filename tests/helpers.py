@@ -45,6 +45,16 @@ TINY = [
     "callbacks.progress.refresh_rate=0",
 ]
 
+# Settings under which any replayed or skipped batch, or lost optimizer state, shows in the weights: dropout,
+# augmentation noise and a schedule, deterministic kernels (the exact-resume tests compare against a straight run).
+EXACT = [
+    "trainer.deterministic=true",
+    "scheduler=exponential",
+    "model.dropout=0.2",
+    "test=false",
+    "data.augment.depth_noise=0.01",
+]
+
 
 def write_tiles(
     path: Path,

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
+from glint_lightning.train import main as train_main
+from glint_lightning.train import train
 from tests.helpers import TINY, run_cli
 
 # TINY minus its epoch count: each debug option sets its own.
@@ -32,33 +35,49 @@ def test_debug_options_compose_deterministic_cpu_runs(make_cfg):
     assert make_cfg("debug=profiler").trainer.profiler.dirpath.endswith("/run")
 
 
-def test_unknown_debug_option_is_refused_in_one_line(tmp_path):
-    res = run_cli("glint_lightning.train", "debug=fast_dev_run", cwd=tmp_path)
-    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
-    assert "debug/fast_dev_run" in res.stderr and "fdr" in res.stderr, res.stderr
+def test_unknown_debug_option_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """The console script's own main() in this process (test_cli runs the command line in a subprocess)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["glint-train", "debug=fast_dev_run"])
+    with pytest.raises(SystemExit) as exit_:
+        train_main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert "debug/fast_dev_run" in err and "fdr" in err, err
+    assert list(tmp_path.iterdir()) == [], "a refused command line leaves nothing behind"
 
 
 @pytest.mark.slow
-def test_debug_default_is_one_short_epoch_with_checkpoints(tmp_path, cache_dir):
+def test_debug_default_is_one_short_epoch_with_checkpoints_apart_from_real_runs(tmp_path, cache_dir):
+    """The command line (a subprocess): the run lands under outputs/debug/, where ckpt_path=last of real runs does
+    not look; the other options are checked in-process below."""
     run, out = _run("default", tmp_path, cache_dir)
+    assert run.parent.parent == tmp_path / "outputs" / "debug"
     assert out["epochs"] == 1 and out["global_step"] == 4, "limit_train_batches=4 of the 6 batches"
     assert (run / "checkpoints" / "last.ckpt").is_file() and out["best_checkpoint"]
-    assert out["test"]["test/iou"] >= 0
+    scores = {k: v for k, v in out["test"].items() if k != "test/loss"}
+    assert {"test/iou", "test/ap"} <= set(scores) and all(0 <= v <= 1 for v in scores.values()), out["test"]
     assert [line for line in out["stdout"].splitlines() if line.startswith("epoch ")][0].startswith("epoch 1/1  ")
 
 
-@pytest.mark.slow
-def test_debug_fdr_runs_one_batch_and_saves_no_checkpoints(tmp_path, cache_dir):
-    run, out = _run("fdr", tmp_path, cache_dir)
+def _train(make_cfg, capsys, option: str, *extra: str) -> tuple[Path, dict]:
+    """train(debug=<option>) in this process (TINY's 2 epochs back to the option's 1 unless `extra` says)."""
+    cfg = make_cfg(f"debug={option}", "trainer.max_epochs=1", *extra)
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    return run, {"stdout": capsys.readouterr().out, **json.loads((run / "metrics.json").read_text())}
+
+
+def test_debug_fdr_runs_one_batch_and_saves_no_checkpoints(make_cfg, capsys):
+    run, out = _train(make_cfg, capsys, "fdr")
     assert out["global_step"] == 1
     assert not list(run.glob("checkpoints/*.ckpt")) and not out["best_checkpoint"] and not out["last_checkpoint"]
     assert "test/iou" in out["test"]
     assert "best checkpoint:  (" not in out["stdout"]
 
 
-@pytest.mark.slow
-def test_debug_overfit_trains_on_the_same_few_batches(tmp_path, cache_dir):
-    run, out = _run("overfit", tmp_path, cache_dir, "trainer.max_epochs=2")
+def test_debug_overfit_trains_on_the_same_few_batches(make_cfg, capsys):
+    run, out = _train(make_cfg, capsys, "overfit", "trainer.max_epochs=2", "test=false")
     assert out["epochs"] == 2 and out["global_step"] == 4, "2 batches an epoch"
     assert (run / "checkpoints" / "last.ckpt").is_file()
     losses = [
@@ -67,8 +86,7 @@ def test_debug_overfit_trains_on_the_same_few_batches(tmp_path, cache_dir):
     assert len(losses) == 2 and losses[1] < losses[0], out["stdout"]
 
 
-@pytest.mark.slow
-def test_debug_profiler_writes_its_report_into_the_run_dir(tmp_path, cache_dir):
-    run, _ = _run("profiler", tmp_path, cache_dir, "test=false")
+def test_debug_profiler_writes_its_report_into_the_run_dir(make_cfg, capsys):
+    run, _ = _train(make_cfg, capsys, "profiler", "test=false")
     report = (run / "fit-profile.txt").read_text()
     assert "run_training_epoch" in report and "Mean duration" in report

@@ -9,17 +9,10 @@ import torch
 
 from glint_lightning.train import train
 from glint_lightning.utils.errors import Interrupted
-from tests.helpers import Crash
+from tests.helpers import EXACT, Crash
 
-# 48 training tiles in batches of 8: 6 steps an epoch. Dropout, augmentation noise and a schedule make any
-# replayed or skipped batch, or lost optimizer state, show in the weights.
-EXACT = [
-    "trainer.deterministic=true",
-    "scheduler=exponential",
-    "model.dropout=0.2",
-    "test=false",
-    "data.augment.depth_noise=0.01",
-]
+# 48 training tiles in batches of 8: 6 steps an epoch. Each interrupted and resumed run must end with the weights of
+# the same settings (EXACT) trained straight through: the session's `exact_straight`.
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +43,8 @@ def _ckpt(path):
 
 @pytest.mark.parametrize("signum, name, code", [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGINT, "Ctrl-C", 130)])
 def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
-    make_cfg, tmp_path, terminal_sigint, signum, name, code
+    make_cfg, tmp_path, terminal_sigint, exact_straight, signum, name, code
 ):
-    train(make_cfg(*EXACT, run="straight"))
     with pytest.raises(
         Interrupted,
         match=rf"{name} at epoch 1, step 8; saved .*last\.ckpt\. Resume with .*"
@@ -64,32 +56,17 @@ def test_a_signal_mid_epoch_saves_a_checkpoint_that_resumes_exactly(
     saved = _ckpt(tmp_path / "split/checkpoints/last.ckpt")
     assert (saved["epoch"], saved["global_step"]) == (1, 8)
     train(make_cfg(*EXACT, "ckpt_path=last", run="split"))
-    straight = _ckpt(tmp_path / "straight/checkpoints/last.ckpt")["state_dict"]
     resumed = _ckpt(tmp_path / "split/checkpoints/last.ckpt")
     assert resumed["global_step"] == 12, "the resumed epoch runs only its 4 remaining steps"
-    for key in straight:
-        torch.testing.assert_close(resumed["state_dict"][key], straight[key], atol=1e-6, rtol=0, msg=key)
-
-
-def test_step_checkpoints_refresh_last_ckpt_within_an_epoch(make_cfg, tmp_path):
-    train(
-        make_cfg(
-            "test=false",
-            "trainer.max_epochs=1",
-            "callbacks.step_checkpoint.every_n_train_steps=2",
-            *_stop_at(5, signal.SIGKILL)[:0],
-            run="steps",
-        )
-    )
-    assert _ckpt(tmp_path / "steps/checkpoints/last.ckpt")["global_step"] == 6
+    for key in exact_straight:
+        torch.testing.assert_close(resumed["state_dict"][key], exact_straight[key], atol=1e-6, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("hook, step, saved", [("train_batch_start", 8, 8), ("validation_start", 6, 5)])
-def test_a_crash_after_a_step_checkpoint_resumes_exactly(make_cfg, tmp_path, hook, step, saved):
-    """Mid-epoch, and after an epoch's last step (no step checkpoint there; the epoch-end one follows): the resumed
-    run replays exactly the lost steps."""
+def test_a_crash_after_a_step_checkpoint_resumes_exactly(make_cfg, tmp_path, exact_straight, hook, step, saved):
+    """Mid-epoch (step checkpoints keep last.ckpt within a step of the crash), and after an epoch's last step (no
+    step checkpoint there; the epoch-end one follows): the resumed run replays exactly the lost steps."""
     every_step = [*EXACT, "callbacks.step_checkpoint.every_n_train_steps=1"]
-    train(make_cfg(*EXACT, run="straight"))
     crash = [
         "+callbacks.crash._target_=tests.helpers.CrashAt",
         f"+callbacks.crash.step={step}",
@@ -99,8 +76,7 @@ def test_a_crash_after_a_step_checkpoint_resumes_exactly(make_cfg, tmp_path, hoo
         train(make_cfg(*every_step, *crash, run="split"))
     assert _ckpt(tmp_path / "split/checkpoints/last.ckpt")["global_step"] == saved
     train(make_cfg(*every_step, "ckpt_path=last", run="split"))
-    straight = _ckpt(tmp_path / "straight/checkpoints/last.ckpt")["state_dict"]
     resumed = _ckpt(tmp_path / "split/checkpoints/last.ckpt")
     assert resumed["global_step"] == 12
-    for key in straight:
-        torch.testing.assert_close(resumed["state_dict"][key], straight[key], atol=1e-6, rtol=0, msg=key)
+    for key in exact_straight:
+        torch.testing.assert_close(resumed["state_dict"][key], exact_straight[key], atol=1e-6, rtol=0, msg=key)

@@ -2,7 +2,9 @@
 
 import json
 import re
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +14,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from glint_lightning.module import GlintModule
 from glint_lightning.train import build_module, train
 from glint_lightning.utils.errors import GlintError
+from tests.helpers import EXACT
+
+SHORT = [  # 2 steps an epoch and one validation batch: enough to follow a schedule across a resume
+    "++trainer.limit_train_batches=2",
+    "++trainer.limit_val_batches=1",
+    "test=false",
+    "calibrate_threshold=false",
+    "callbacks.prediction_images.every_n_epochs=0",
+]
 
 
 def _ckpts(run_dir):
@@ -106,48 +117,46 @@ def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
-def test_resume_is_exact(make_cfg, tmp_path, capsys, glint_log):
-    common = [
-        "trainer.deterministic=true",
-        "scheduler=exponential",
-        "model.dropout=0.2",
-        "test=false",
-        "data.augment.depth_noise=0.01",
-    ]
-    train(make_cfg(*common, "trainer.max_epochs=4", run="straight"))
-    train(make_cfg(*common, "trainer.max_epochs=2", run="split"))
+def test_resume_is_exact(make_cfg, tmp_path, capsys, glint_log, exact_straight):
+    """One epoch, then a second in a resumed run, ends with the weights of the two epochs trained straight."""
+    train(make_cfg(*EXACT, "trainer.max_epochs=1", run="split"))
     capsys.readouterr()
-    train(make_cfg(*common, "trainer.max_epochs=4", "ckpt_path=last", run="split"))
+    train(make_cfg(*EXACT, "trainer.max_epochs=2", "ckpt_path=last", run="split"))
     err = capsys.readouterr().err
     assert "schedule:" not in glint_log() and "warning:" not in err, "the same settings resume as stored"
-    straight = _weights(tmp_path / "straight/checkpoints/last.ckpt")
     resumed = _weights(tmp_path / "split/checkpoints/last.ckpt")
-    assert torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)["global_step"] == 4 * 6
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=0, msg=key)
+    assert torch.load(tmp_path / "split/checkpoints/last.ckpt", weights_only=True)["global_step"] == 2 * 6
+    for key in exact_straight:
+        torch.testing.assert_close(resumed[key], exact_straight[key], atol=1e-6, rtol=0, msg=key)
     assert not (tmp_path / "split/checkpoints/last-v1.ckpt").exists(), "in-place resume rewrites last.ckpt"
     assert sorted(p.name for p in (tmp_path / "split").iterdir() if p.name.startswith("tensorboard")) == ["tensorboard"]
     assert len(list((tmp_path / "split/tensorboard").glob("events.*"))) == 2, "resumed logs append to the same dir"
 
 
-def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg, tmp_path, capsys, glint_log):
-    train(make_cfg("trainer.max_epochs=1", "test=false", run="first"))
-    first_last = tmp_path / "first/checkpoints/last.ckpt"
+def _copy_of(ckpt, run_dir):
+    """`ckpt` as the last.ckpt of a run dir of its own (a finished earlier run, without training one)."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    return Path(shutil.copy(ckpt, run_dir / "checkpoints" / "last.ckpt"))
+
+
+def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg, tmp_path, trained_ckpt, glint_log):
+    first_last = _copy_of(trained_ckpt, tmp_path / "first")
     before = first_last.read_bytes()
-    train(make_cfg("trainer.max_epochs=2", "test=false", "ckpt_path=last", run="second"))
+    train(make_cfg(*SHORT, "trainer.max_epochs=2", "ckpt_path=last", run="second"))
     assert f"resuming from the newest last.ckpt under {tmp_path}/: {first_last}" in glint_log()
     assert torch.load(tmp_path / "second/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
     assert first_last.read_bytes() == before, "the earlier run's checkpoint is left alone"
 
 
-def test_resume_refuses_a_different_model_config(make_cfg, tmp_path):
-    train(make_cfg("trainer.max_epochs=1", "test=false"))
+def test_resume_refuses_a_different_model_config(make_cfg, tmp_path, trained_ckpt):
+    _copy_of(trained_ckpt, tmp_path / "run")
     with pytest.raises(GlintError, match=r"model\.base_channels: 4 -> 8"):
         train(make_cfg("trainer.max_epochs=2", "model.base_channels=8", "ckpt_path=last"))
     # where the initial weights came from may differ (the checkpoint's weights win); what the network is may not
     weights = tmp_path / "init.pth"
     torch.save(torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["state_dict"], weights)
-    train(make_cfg("trainer.max_epochs=2", "test=false", f"model.pretrained={weights}", "ckpt_path=last"))
+    train(make_cfg(*SHORT, "trainer.max_epochs=2", f"model.pretrained={weights}", "ckpt_path=last"))
+    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["epoch"] == 1
 
 
 def _best_state(ckpt):
@@ -155,16 +164,9 @@ def _best_state(ckpt):
 
 
 def test_optimizer_state_off_shrinks_checkpoints_and_resumes_partially(make_cfg, tmp_path, recwarn):
-    train(make_cfg("test=false", "trainer.max_epochs=1", "model.base_channels=8", run="full"))
-    train(
-        make_cfg(
-            "test=false",
-            "trainer.max_epochs=1",
-            "model.base_channels=8",
-            "callbacks.optimizer_state.save=false",
-            run="slim",
-        )
-    )
+    common = [*SHORT, "trainer.max_epochs=1", "model.base_channels=8"]
+    train(make_cfg(*common, run="full"))
+    train(make_cfg(*common, "callbacks.optimizer_state.save=false", run="slim"))
     full, slim = tmp_path / "full/checkpoints/last.ckpt", tmp_path / "slim/checkpoints/last.ckpt"
     assert slim.stat().st_size <= 0.6 * full.stat().st_size
     slim_ckpt = torch.load(slim, weights_only=True)
@@ -175,7 +177,7 @@ def test_optimizer_state_off_shrinks_checkpoints_and_resumes_partially(make_cfg,
     warnings.simplefilter("always")
     train(
         make_cfg(
-            "test=false",
+            *SHORT,
             "trainer.max_epochs=2",
             "model.base_channels=8",
             "scheduler=none",
@@ -195,15 +197,6 @@ def test_optimizer_state_off_shrinks_checkpoints_and_resumes_partially(make_cfg,
     assert optimizer["param_groups"][0]["lr"] == pytest.approx(0.0123), "fresh optimizer at the configured LR"
     adam_steps = {float(s["step"]) for s in optimizer["state"].values()}
     assert adam_steps == {float(slim_ckpt["global_step"])}, "Adam moments start from zero at the resume"
-
-
-SHORT = [  # 2 steps an epoch and one validation batch: enough to follow a schedule across a resume
-    "++trainer.limit_train_batches=2",
-    "++trainer.limit_val_batches=1",
-    "test=false",
-    "calibrate_threshold=false",
-    "callbacks.prediction_images.every_n_epochs=0",
-]
 
 
 def _epoch_lrs(run_dir):
