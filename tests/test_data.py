@@ -242,3 +242,13 @@ def test_a_plain_dataloader_with_workers_reads_the_same_batches(tmp_path):
     assert len(plain) == len(ours) == 4
     for x, y in zip(plain, ours):
         assert all(torch.equal(x[k], y[k]) for k in ("depth", "mask", "valid"))
+
+
+def test_one_loader_iterated_twice_at_once_reads_the_same_tiles(tmp_path):
+    """Without persistent workers each iteration starts workers with shared-memory slots of its own."""
+    dm = _dm(train_path=str(write_tiles(tmp_path / "t.h5", *random_tiles(20))), val_fraction=0.2, num_workers=2)
+    loader = dm.eval_loader("train", shard=False)
+    pairs = list(zip(loader, loader))
+    assert len(pairs) == 4
+    for x, y in pairs:
+        assert all(torch.equal(x[k], y[k]) for k in ("depth", "mask", "valid"))

@@ -1,14 +1,15 @@
 """How a batch of tiles crosses from a DataLoader worker to the main process cheaply.
 
 A batch is one buffer: depth (float32), mask (float32) and valid (bool) are views of it. Sending a tensor from a
-worker costs a fresh shared-memory buffer (page faults, a copy) and, per tensor, a socket round trip that waits
-for the worker to be scheduled: more than reading the tiles (benchmarks/loader_throughput.py --transport: the
-stock DataLoader, same reads, delivers 1/1.6 to 1/3.7 as many tiles/s). So TileLoader gives each worker a few
-slots in shared memory (`Tensor.share_memory_`) before the workers start; a worker writes a batch into a free slot
-and sends only a SlotRef, and the main process hands out tensors over that slot, which is freed when the last of
-them is gone. A SlotRef the DataLoader drops unread (an epoch reset on persistent workers discards prefetched
-batches) frees its slot as it goes. A worker with no free slot, or a plain DataLoader, sends the batch as tensors
-instead: slower, never wrong. Only public torch APIs: the stock iterator does the work, TileLoader wraps it.
+worker costs a fresh shared-memory buffer (page faults, a copy) and, per tensor, a socket round trip that waits for
+the worker to be scheduled: more than reading the tiles (benchmarks/loader_throughput.py --transport, 2 workers:
+the slots deliver 2.2-6.8x the stock DataLoader's tiles/s with the same reads for 128-256 px tiles, 0.8-1.6x for 64
+px, on a shared 2-core machine). So TileLoader gives each worker a few slots in shared memory
+(`Tensor.share_memory_`) before the workers start; a worker writes a batch into a free slot and sends only a
+SlotRef, and the main process hands out tensors over that slot, which is freed when the last of them is gone. A
+SlotRef the DataLoader drops unread (an epoch reset on persistent workers discards prefetched batches) frees its
+slot as it goes. A worker with no free slot, or a plain DataLoader, sends the batch as tensors instead: slower,
+never wrong. Only public torch APIs: the stock iterator does the work, TileLoader wraps it.
 """
 
 from __future__ import annotations
@@ -147,15 +148,16 @@ class TileLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         pin, pools = self.pin_tiles and torch.cuda.is_available(), self._pools()
         if pools is None:
-            return self._received(super().__iter__(), pin)
+            return self._received(super().__iter__(), pin, pools)
         self.dataset.slot_pools = pools  # workers start (fork, or unpickle the data set) in super().__iter__()
         try:
-            return self._received(super().__iter__(), pin)
+            return self._received(super().__iter__(), pin, pools)
         finally:
             self.dataset.slot_pools = None  # so that no other loader's workers write into these slots
 
     @staticmethod
-    def _received(batches: Iterator[Any], pin: bool) -> Iterator[Any]:
+    def _received(batches: Iterator[Any], pin: bool, pools: list[SlotPool] | None) -> Iterator[Any]:
+        """The batches as tensors; `pools` stay alive (and registered) for as long as this epoch's iteration."""
         for data in batches:
             if isinstance(data, SlotRef):
                 yield data.batch(pin)
