@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -56,7 +57,9 @@ def test_option_composes_and_builds(group, option, tmp_path):
         assert logits.shape == (1, 1, 32, 32)
         assert module.configure_optimizers()
     elif group == "data":
-        assert instantiate(cfg.data, _convert_="all") is not None
+        datamodule = instantiate(cfg.data, _convert_="all")
+        assert isinstance(datamodule, L.LightningDataModule)
+        assert datamodule.hparams.batch_size == cfg.data.batch_size, "the composed options reach the data module"
     elif group == "callbacks":
         built = [instantiate(cb) for cb in cfg.callbacks.values() if cb is not None]
         assert built
@@ -65,6 +68,8 @@ def test_option_composes_and_builds(group, option, tmp_path):
     elif group == "trainer":
         if cfg.trainer.get("accelerator") == "gpu" and not torch.cuda.is_available():
             pytest.skip("trainer=gpu needs a CUDA device")
-        assert instantiate(cfg.trainer, logger=False, enable_checkpointing=False) is not None
+        trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+        assert isinstance(trainer, L.Trainer)
+        assert trainer.max_epochs == cfg.trainer.max_epochs, "the composed options reach the trainer"
     else:
         pytest.fail(f"no build check for config group {group}: add one")
