@@ -79,7 +79,7 @@ class SlotRef:
         self.__dict__.update(state, owner=os.getpid())
 
     def __del__(self) -> None:
-        pool = _POOLS.get(self.pool) if self.owner == os.getpid() else None
+        pool = _POOLS.get(self.pool) if self.owner is not None and self.owner == os.getpid() else None
         if pool is not None:
             pool.flags.numpy()[self.slot] = 0
 
