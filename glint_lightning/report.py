@@ -67,6 +67,8 @@ def study_rows(pointer: dict[str, Any]) -> tuple[list[dict[str, Any]], list[str]
 
     from glint_lightning.runs import optuna_sweep as sweep
 
+    if not pointer.get("storage"):  # a study kept in memory: gone with its launch
+        return None
     url = storage_url(str(pointer["storage"]))
     if "://" not in url.removeprefix("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
         return None

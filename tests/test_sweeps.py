@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from glint_lightning.runs.optuna_sweep import CUT_SHORT_ATTR, LAUNCH_ATTR, distr
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.optuna_storage import STUDY_POINTER, make_pruner, open_storage, storage_url
-from tests.helpers import REPO, TINY, run_cli
+from tests.helpers import TINY, run_cli
+from tests.optuna_task import TaskSweep
 
 FAST = [*TINY, "trainer.max_epochs=1", "test=false"]
 ALWAYS_PRUNE = ["hydra.sweeper.pruner=threshold", "hydra.sweeper.pruner_args={lower: 2.0}"]  # IoU is never >= 2
@@ -118,51 +118,6 @@ def test_sweep_and_launcher_configs_compose(overrides, key, expected):
 # --- the sweeper on a tiny task app --------------------------------------------------------------------------------
 
 
-class TaskSweep:
-    """`python -m tests.optuna_task -m` over x in [0, 1], its study in <tmp>/study.db, its jobs' traces in <tmp>/out."""
-
-    def __init__(self, tmp_path: Path, n_trials: int, **task: object) -> None:
-        self.root, self.out, self.db = tmp_path, tmp_path / "out", tmp_path / "study.db"
-        self.out.mkdir(exist_ok=True)
-        config = {
-            "defaults": [{"override hydra/sweeper": "glint_optuna"}, "_self_"],
-            "x": 0.0,
-            "out": str(self.out),
-            "fail_above": task.get("fail_above"),
-            "hydra": {
-                "searchpath": [f"file://{CONFIG_DIR}"],
-                "sweep": {"dir": str(tmp_path / "multirun" / "${now:%H-%M-%S-%f}")},
-                "sweeper": {"storage": str(self.db), "n_trials": n_trials, "sampler": {"seed": 0}},
-            },
-        }
-        (tmp_path / "task.yaml").write_text(yaml.safe_dump(config))
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-    def popen(self) -> subprocess.Popen:
-        args = ["--config-dir", str(self.root), "-m", "hydra.sweeper.params={x: 'interval(0, 1)'}"]
-        return subprocess.Popen(
-            [sys.executable, "-m", "tests.optuna_task", *args],
-            cwd=self.root,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-
-    def run(self) -> str:
-        proc = self.popen()
-        out, _ = proc.communicate(timeout=240)
-        assert proc.returncode == 0, out[-3000:]
-        return out
-
-    def started(self, job: int) -> list[Path]:
-        return list(self.out.glob(f"started_{job}_*"))
-
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return optuna.load_study(study_name="glint", storage=f"sqlite:///{self.db}").trials
-
-
 def _wait_for(condition, *procs: subprocess.Popen, timeout: float = 120) -> None:
     end = time.monotonic() + timeout
     while not condition():
@@ -173,6 +128,7 @@ def _wait_for(condition, *procs: subprocess.Popen, timeout: float = 120) -> None
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_in_its_second_trial_ends_with_all_its_trials_complete_on_relaunch(tmp_path):
     sweep = TaskSweep(tmp_path, n_trials=3)
     (sweep.out / "hold_1").touch()  # trial 1 waits: the launch is killed in it
@@ -234,6 +190,7 @@ def test_a_trial_that_fails_by_itself_counts_and_is_not_run_again(tmp_path):
     assert not any(t.user_attrs.get(CUT_SHORT_ATTR) for t in trials)
 
 
+@pytest.mark.slow
 def test_two_launches_at_once_share_one_study_and_stop_together_at_n_trials(tmp_path):
     sweep = TaskSweep(tmp_path, n_trials=4)
     for job in (0, 1):

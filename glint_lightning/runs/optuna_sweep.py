@@ -272,7 +272,8 @@ class StudySweep:
             study = self.open_study()
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         metric = self.config.get("optimized_metric")
-        pointer = {"storage": self.storage_spec, "study_name": self.study_name, "optimized_metric": metric}
+        storage = storage_url(self.storage_spec) if self.storage_spec else None  # absolute: report from anywhere
+        pointer = {"storage": storage, "study_name": self.study_name, "optimized_metric": metric}
         (self.sweep_dir / STUDY_POINTER).write_text(yaml.safe_dump(pointer, sort_keys=False))
         with self.heartbeat(study):
             with self.ask_lock():
