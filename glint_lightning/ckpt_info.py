@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 from glint_lightning.checkpoints.reader import load_checkpoint
-from glint_lightning.utils.errors import exit_on_user_error
+from glint_lightning.utils.errors import ArgumentParser, exit_on_user_error
 
 
 def describe(path: str | Path) -> dict[str, Any]:
@@ -98,14 +97,15 @@ def format_info(info: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m glint_lightning.ckpt_info", description=__doc__)
+    """glint-ckpt-info (the console script calls this, not the `__main__` block): bad input is one line, exit 2."""
+    parser = ArgumentParser(prog="glint-ckpt-info", description=__doc__)
     parser.add_argument("path", help="a .ckpt written by glint_lightning.train")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
-    info = describe(args.path)
+    with exit_on_user_error():
+        info = describe(args.path)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
 
 
 if __name__ == "__main__":
-    with exit_on_user_error():
-        main()
+    main()

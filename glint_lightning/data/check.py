@@ -7,7 +7,6 @@ indices; exit code 2 when the file cannot be trained on, 0 otherwise (warnings i
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import h5py
 import numpy as np
 
 from glint_lightning.data.h5 import DEPTH_DTYPES, MASK_CHECK_BLOCK
-from glint_lightning.utils.errors import EXIT_USER_ERROR
+from glint_lightning.utils.errors import EXIT_USER_ERROR, ArgumentParser
 
 
 def index_ranges(indices: list[int], limit: int = 6) -> str:
@@ -108,13 +107,18 @@ def check_file(path: str | Path, depth_key: str = "depth", mask_key: str = "mask
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m glint_lightning.data.check", description=__doc__)
+    """glint-check: the report and its exit code (the console script exits with what this returns)."""
+    parser = ArgumentParser(prog="glint-check", description=__doc__)
     parser.add_argument("path")
     parser.add_argument("--depth-key", default="depth")
     parser.add_argument("--mask-key", default="mask")
     parser.add_argument("--valid-key", default="valid")
     args = parser.parse_args(argv)
     summary, errors, warnings = check_file(args.path, args.depth_key, args.mask_key, args.valid_key)
+    if not summary:  # not readable as tiles at all (no file, not HDF5, no such key): the problem is the whole answer
+        for line in errors:
+            print(f"error: {args.path}: {line}", file=sys.stderr)
+        return EXIT_USER_ERROR
     print("\n".join(summary))
     for line in warnings:
         print(f"warning: {line}")

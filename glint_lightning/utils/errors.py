@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 
@@ -63,3 +65,12 @@ def exit_on_user_error(in_sweep: bool = False) -> Iterator[None]:
         if in_sweep and not isinstance(err, Interrupted):
             raise err from None
         raise SystemExit(err.exit_code) from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the plain (non-Hydra) console scripts: a wrong command line is one line, like every other user
+    error (argparse's own is the usage block, then the message)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR)
