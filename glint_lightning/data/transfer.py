@@ -3,7 +3,7 @@
 A batch is one buffer: depth (float32), mask (float32) and valid (bool) are views of it. Sending a tensor from a
 worker costs a fresh shared-memory buffer (page faults, a copy) and, per tensor, a socket round trip that waits for
 the worker to be scheduled: more than reading the tiles (benchmarks/loader_throughput.py --transport, 2 workers:
-the slots deliver 2.2-6.8x the stock DataLoader's tiles/s with the same reads for 128-256 px tiles, 0.8-1.6x for 64
+the slots deliver 2.2-6.8x the stock DataLoader's tiles/s with the same reads for 128-256 px tiles, 0.8-2.1x for 64
 px, on a shared 2-core machine). So TileLoader gives each worker a few slots in shared memory
 (`Tensor.share_memory_`) before the workers start; a worker writes a batch into a free slot and sends only a
 SlotRef, and the main process hands out tensors over that slot, which is freed when the last of them is gone. A
