@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,8 +180,9 @@ def predict_folds(cfg: DictConfig, runs: list[FoldRun]) -> dict[str, Any]:
 
     from glint_lightning.checkpoints.reader import load_checkpoint
     from glint_lightning.eval import given
-    from glint_lightning.inference.postprocess import PostprocessSearch
+    from glint_lightning.inference.calibration import PostprocessSearch
     from glint_lightning.module import GlintModule
+    from glint_lightning.scoring import predict_loader
     from glint_lightning.utils.options import torch_device
 
     device = torch_device(cfg.device)
@@ -217,7 +218,7 @@ def predict_folds(cfg: DictConfig, runs: list[FoldRun]) -> dict[str, Any]:
         search = PostprocessSearch(iou_threshold=float(cfg.iou_threshold))
         ap = BinaryAveragePrecision(thresholds=200)
         n = 0
-        for prob, mask, valid in fold_probabilities(module, datamodule.eval_loader("val", shard=False), cfg.tta):
+        for prob, mask, valid in predict_loader(module, datamodule.eval_loader("val", shard=False), device, cfg.tta):
             search.update(prob, mask, valid)
             for metric in (ap, oof_ap):
                 metric.update(prob[valid], mask[valid].int())
@@ -235,23 +236,6 @@ def predict_folds(cfg: DictConfig, runs: list[FoldRun]) -> dict[str, Any]:
         "pool": pool,
         "datamodule": datamodules[0],
     }
-
-
-def fold_probabilities(module: Any, loader: Any, tta: str) -> Iterator[tuple[Any, Any, Any]]:
-    """(probabilities, mask, valid) on the CPU per batch of `loader`, averaged over the `tta` transforms."""
-    import torch
-
-    from glint_lightning.inference.tiling import with_tta
-
-    device = module.depth_mean.device
-
-    def probs(depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(module(depth, valid).float())
-
-    with torch.no_grad():
-        for batch in loader:
-            prob = with_tta(probs, batch["depth"].to(device), batch["valid"].to(device), tta, batched=True)
-            yield prob.cpu(), batch["mask"], batch["valid"]
 
 
 def score_test(cfg: DictConfig, runs: list[FoldRun], ensemble: Path, selection: Any, sweep_dir: Path) -> dict[str, Any]:
@@ -283,15 +267,15 @@ def score_test(cfg: DictConfig, runs: list[FoldRun], ensemble: Path, selection: 
 
 def cross_validate(cfg: DictConfig) -> dict[str, Any]:
     """Everything glint-cv does; returns what cv.json holds."""
+    from glint_lightning.inference.calibration import check_optimized_metric
     from glint_lightning.inference.ensemble import write_ensemble
-    from glint_lightning.inference.postprocess import check_metric
 
     if not cfg.dir:
         raise GlintError(f"dir is not set; usage: {USAGE}")
     sweep_dir = Path(str(cfg.dir))
     if not sweep_dir.is_dir():
         raise GlintError(f"dir={sweep_dir}: no such folder; pass {USAGE}")
-    check_metric(cfg.optimized_metric)
+    check_optimized_metric(cfg.optimized_metric)
     runs = find_fold_runs(sweep_dir, cfg.checkpoint)
     predicted = predict_folds(cfg, runs)
     searches = predicted["searches"]

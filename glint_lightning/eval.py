@@ -1,8 +1,9 @@
 """`glint-eval ckpt_path=run/checkpoints/best-epoch009.ckpt [split=test|val|train] [data.test_path=...] [...]`
 
 Builds the model and data from the config stored in the checkpoint, with the given `data.*` overrides merged over
-it, scores one split through Lightning's test loop (the same `test_step` and metrics as train's test stage, so
-also the same numbers), and prints and writes pixel metrics, glint (object) metrics and a precision-recall curve.
+it, scores one split through the scoring path of train's validation and test steps (glint_lightning.scoring: the
+same loss, metrics and glint matching, so also the same numbers), and prints and writes pixel metrics, glint
+(object) metrics and a precision-recall curve.
 `ckpt_path` may be an ensemble file from glint-cv (`<name>.ensemble.json`: its members' mean probability); the
 thresholded masks are post-processed (`postprocess.*`, else what the checkpoint or ensemble file records) before
 the pixel and glint metrics score them.
@@ -12,29 +13,26 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
-import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
-from types import MethodType
 from typing import Any
 
-import lightning as L
 import matplotlib
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 from torchmetrics.classification import BinaryPrecisionRecallCurve
 
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.data import GlintDataModule
 from glint_lightning.inference.calibration import calibrate_postprocess, write_threshold
-from glint_lightning.inference.ensemble import EnsembleModule, is_ensemble_file, load_ensemble
-from glint_lightning.inference.postprocess import PostProcess, checkpoint_postprocess, resolve_postprocess
-from glint_lightning.inference.tiling import with_tta
+from glint_lightning.inference.ensemble import Ensemble, is_ensemble_file, load_ensemble
+from glint_lightning.inference.loading import checkpoint_postprocess
+from glint_lightning.inference.postprocess import PostProcess, resolve_postprocess
+from glint_lightning.metrics import OBJECT_METRICS, ObjectMetric, pixel_metrics
 from glint_lightning.module import GlintModule
+from glint_lightning.scoring import score_batch, tta_transforms
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.options import torch_device
@@ -49,55 +47,12 @@ USAGE = (
 )
 
 
-class CurveCollector(L.Callback):
-    """The precision-recall curve over the valid pixels the test loop scores (from test_step's logits)."""
-
-    def __init__(self, bins: int) -> None:
-        self.curve = BinaryPrecisionRecallCurve(thresholds=bins)
-
-    def on_test_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *_: Any
-    ) -> None:
-        valid = batch["valid"]
-        self.curve.update(torch.sigmoid(outputs["logits"])[valid].float().cpu(), batch["mask"][valid].int().cpu())
-
-
 def given(overrides: Any) -> Any:
     """The non-null leaves of a nested mapping (null in conf/eval.yaml means "as stored in the checkpoint")."""
     if not isinstance(overrides, Mapping):
         return overrides
     kept = {k: given(v) for k, v in overrides.items() if v is not None}
     return {k: v for k, v in kept.items() if v != {}}
-
-
-@contextmanager
-def quiet_lightning() -> Iterator[None]:
-    """Without Lightning's start-up lines (devices found) and its advice on loader workers (the user chose them)."""
-    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", PossibleUserWarning)
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def quiet_trainer(device: str, callbacks: list[L.Callback]) -> L.Trainer:
-    """One device, no logger, no checkpoints, no progress bar or model summary: nothing written, nothing printed."""
-    accelerator, devices = ("cpu", 1) if device == "cpu" else ("gpu", [int(device[5:])] if ":" in device else 1)
-    return L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
 
 
 def build_data(config: Mapping[str, Any], overrides: Mapping[str, Any], split: str) -> GlintDataModule:
@@ -142,7 +97,7 @@ def default_out(ckpt_path: Path, split: str, data_overrides: Mapping[str, Any]) 
 
 def load_scored(
     ckpt_path: Path, split: str, overrides: Mapping[str, Any]
-) -> tuple[GlintModule, dict[str, Any], PostProcess]:
+) -> tuple[GlintModule | Ensemble, dict[str, Any], PostProcess]:
     """(module, the stored run config its data comes from, the stored post-processing) of a checkpoint or an
     ensemble file. An ensemble's data config is its first member's; members trained on different data (the
     folds of a cross-validation) share only the test split, unless a file is given for the split."""
@@ -168,32 +123,39 @@ def _data_without_fold(config: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in (config.get("data") or {}).items() if k != "fold"}
 
 
-def score_postprocessed(module: GlintModule, post: PostProcess) -> None:
-    """Make the module's test loop score post-processed masks: the thresholded prediction (of the test-time
-    augmented probabilities, when set) goes through `post` before the thresholded pixel metrics and the glint
-    metrics see it; the loss and average precision still score the probabilities. Only this module, only its
-    test loop: validation and other modules are untouched."""
-
-    def test_step(self: GlintModule, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        depth, mask, valid = batch["depth"], batch["mask"], batch["valid"]
-        tta = getattr(self, "test_tta", "none")
-        if tta == "none":
-            logits = self(depth, valid)
-            prob = torch.sigmoid(logits)
-        else:
-            prob = with_tta(lambda d, v: torch.sigmoid(self(d, v)), depth, valid, tta, batched=True)
-            logits = torch.logit(prob, eps=1e-6)
-        loss = self.loss_fn(logits, mask, valid)
-        self.log(f"{self.test_label}/loss", loss, on_epoch=True, batch_size=logits.shape[0])
-        kept = post.apply((prob >= float(self.hparams.threshold)) & valid, valid).to(prob.dtype)
-        target = mask[valid].int()
-        for name, metric in self.test_metrics.items():  # each on its own: AP takes the probabilities
-            metric.update((prob if name.endswith("/ap") else kept)[valid], target)
-        self.log_dict(self.test_metrics, on_epoch=True)
-        self.test_objects.update(kept, mask, valid)
-        return {"loss": loss, "logits": logits.detach()}
-
-    module.test_step = MethodType(test_step, module)
+@torch.no_grad()
+def score_split(
+    module: GlintModule | Ensemble,
+    loader: DataLoader,
+    device: str,
+    split: str,
+    threshold: float,
+    tta: str = "none",
+    iou_threshold: float = 0.25,
+    post: PostProcess | None = None,
+) -> tuple[dict[str, float], BinaryPrecisionRecallCurve]:
+    """`<split>/loss`, the pixel and glint metrics and the glint counts of every tile of `loader`, and the
+    precision-recall curve: each batch through scoring.score_batch, as train's test step scores it."""
+    tta_transforms(tta)  # refuses an unknown name before any tile is scored
+    settings = module if isinstance(module, Ensemble) else module.hparams
+    pixels = pixel_metrics(split, threshold, settings.ap_bins).to(device)
+    objects = ObjectMetric(threshold, iou_threshold).to(device)
+    curve = BinaryPrecisionRecallCurve(thresholds=settings.ap_bins or 200)
+    postprocess = post.apply if post is not None and post.active else None
+    module.eval().to(device)
+    loss_sum, tiles = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("depth", "mask", "valid")}
+        loss, _, prob = score_batch(module, batch, module.loss_fn, threshold, pixels, objects, tta, postprocess)
+        n = batch["depth"].shape[0]
+        loss_sum, tiles = loss_sum + float(loss) * n, tiles + n  # the batch-size-weighted mean Lightning logs
+        valid = batch["valid"]
+        curve.update(prob[valid].cpu(), batch["mask"][valid].int().cpu())
+    values = objects.compute()
+    scores = {f"{split}/loss": loss_sum / max(tiles, 1), **{k: float(v) for k, v in pixels.compute().items()}}
+    scores = dict(sorted({**scores, **{f"{split}/object_{k}": float(values[k]) for k in OBJECT_METRICS}}.items()))
+    scores.update({f"{split}/object_{k}": int(values[k]) for k in ("true", "predicted", "matched")})
+    return scores, curve
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -211,7 +173,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = torch_device(cfg.device)
     result: dict[str, Any] = {"checkpoint": str(ckpt_path), "split": cfg.split}
     if cfg.calibrate:
-        if isinstance(module, EnsembleModule):
+        if isinstance(module, Ensemble):
             raise GlintError(
                 f"calibrate=true: {ckpt_path}'s threshold and post-processing were chosen by glint-cv on the "
                 "out-of-fold predictions; run glint-cv again to choose them anew"
@@ -231,35 +193,24 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         }
         module.set_threshold(cal.threshold)
         stored_post = cal.selection.postprocess
-    if cfg.threshold is not None:
-        module.set_threshold(float(cfg.threshold))
-    threshold = float(module.hparams.threshold)
+    stored = module.threshold if isinstance(module, Ensemble) else module.hparams.threshold
+    threshold = float(stored if cfg.threshold is None else cfg.threshold)
     post = resolve_postprocess(cfg.get("postprocess"), stored_post)
-    if post.active:
-        score_postprocessed(module, post)
-    module.set_test_label(cfg.split)
-    module.set_test_tta(cfg.tta)
-    module.test_objects.iou_threshold = float(cfg.iou_threshold)
     file, tiles, scored = _tiles(datamodule, cfg.split)
     result.update(
         {"file": file, "tiles": tiles, "threshold": threshold, "iou_threshold": cfg.iou_threshold, "tta": cfg.tta}
     )
     result["postprocess"] = {**post.as_dict(), "source": "stored" if post == stored_post else "given"}
-
-    curve = CurveCollector(module.hparams.ap_bins or 200)
-    with quiet_lightning():
-        trainer = quiet_trainer(device, [curve])
-        logged = trainer.test(module, dataloaders=datamodule.eval_loader(cfg.split), verbose=False)[0]
-    result.update({k: float(v) for k, v in sorted(logged.items())})
-    counts = module.test_objects.compute()
-    result.update({f"{cfg.split}/object_{k}": int(counts[k]) for k in ("true", "predicted", "matched")})
+    loader = datamodule.eval_loader(cfg.split, shard=False)
+    scores, curve = score_split(module, loader, device, cfg.split, threshold, cfg.tta, float(cfg.iou_threshold), post)
+    result.update(scores)
 
     out = Path(cfg.out) if cfg.out else default_out(ckpt_path, cfg.split, overrides)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=1))
     with open(out / "metrics.csv", "w", newline="") as f:
         csv.writer(f).writerows([("metric", "value"), *((k, v) for k, v in result.items() if not isinstance(v, dict))])
-    _plot_pr_curve(curve.curve, threshold, out / "pr_curve.png", f"{ckpt_path.name} ({cfg.split}, {tiles} tiles)")
+    _plot_pr_curve(curve, threshold, out / "pr_curve.png", f"{ckpt_path.name} ({cfg.split}, {tiles} tiles)")
     result["out"] = str(out)
     result["scored"] = scored
     return result

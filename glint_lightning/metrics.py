@@ -6,6 +6,9 @@ against this table at start-up, so a typo fails before training rather than afte
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -61,26 +64,98 @@ def check_metric(option: str, name: str, mode: str | None = None) -> None:
         raise GlintError(f"{option}: {name} improves towards '{known[name]}', not '{mode}'; set mode={known[name]}")
 
 
-def match_components(truth: np.ndarray, pred: np.ndarray, iou_threshold: float) -> tuple[int, int, int]:
-    """(matched, predicted, true) glint counts for one binary mask pair; greedy one-to-one by IoU."""
-    t_labels, n_t = ndimage.label(truth, structure=EIGHT_CONNECTED)
-    p_labels, n_p = ndimage.label(pred, structure=EIGHT_CONNECTED)
-    if n_t == 0 or n_p == 0:
-        return 0, n_p, n_t
-    overlap = np.bincount((t_labels * (n_p + 1) + p_labels).ravel(), minlength=(n_t + 1) * (n_p + 1))
-    overlap = overlap.reshape(n_t + 1, n_p + 1)[1:, 1:]
-    t_area = np.bincount(t_labels.ravel(), minlength=n_t + 1)[1:]
-    p_area = np.bincount(p_labels.ravel(), minlength=n_p + 1)[1:]
-    iou = overlap / (t_area[:, None] + p_area[None, :] - overlap)
-    matched, used_t, used_p = 0, set(), set()
-    for ti, pi in zip(*np.unravel_index(np.argsort(-iou, axis=None), iou.shape)):
-        if iou[ti, pi] < iou_threshold:
-            break
-        if ti not in used_t and pi not in used_p:
-            used_t.add(ti)
-            used_p.add(pi)
-            matched += 1
-    return matched, n_p, n_t
+# In-plane structures for (N, H, W) stacks: components never reach across tiles.
+EIGHT_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+EIGHT_IN_PLANE[1] = True
+FOUR_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+FOUR_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def as_stack(a: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """An array (or tensor) broadcast to `shape` (..., H, W), as a contiguous numpy (N, H, W) stack."""
+    a = a.detach().cpu().numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+    return np.ascontiguousarray(np.broadcast_to(a, shape).reshape(-1, *shape[-2:]))
+
+
+@dataclass
+class GlintPairs:
+    """The glints (8-connected components, per tile) of a true and a predicted (N, H, W) stack, and the candidate
+    matches: (true, predicted) pairs overlapping with IoU >= the threshold, best IoU first."""
+
+    true_px: int
+    n_true: int
+    pred_size: np.ndarray  # pixels per predicted label (label 0 is the background)
+    tp: np.ndarray  # true pixels per predicted label
+    pair_t: np.ndarray
+    pair_p: np.ndarray
+
+    def matches(self, kept: np.ndarray | None = None) -> int:
+        """Matches of the one-to-one greedy matching (by IoU, best first) among the predicted glints `kept`
+        (a boolean per label; all when None). A pair whose glints are in no other pair matches whatever the order;
+        only the rest go through the greedy loop."""
+        pair_t, pair_p = self.pair_t, self.pair_p
+        if kept is not None:
+            pair_t, pair_p = pair_t[kept[pair_p]], pair_p[kept[pair_p]]
+        if len(pair_t) == 0:
+            return 0
+        alone = (np.bincount(pair_t)[pair_t] == 1) & (np.bincount(pair_p)[pair_p] == 1)
+        used_t: set[int] = set()
+        used_p: set[int] = set()
+        for t, p in zip(pair_t[~alone].tolist(), pair_p[~alone].tolist()):
+            if t not in used_t and p not in used_p:
+                used_t.add(t)
+                used_p.add(p)
+        return int(alone.sum()) + len(used_t)
+
+
+def glint_pairs(truth: np.ndarray, pred: np.ndarray, iou_threshold: float, truth_labels: Any = None) -> GlintPairs:
+    """Label both boolean (N, H, W) stacks (tile by tile) and list the candidate matches. `truth_labels`
+    ((labels, count) of `truth`) saves labelling the truth again when it is scored against many predictions."""
+    t_labels, n_true = truth_labels or ndimage.label(truth, EIGHT_IN_PLANE)
+    t_area = np.bincount(t_labels[truth], minlength=n_true + 1)
+    p_labels, n_pred = ndimage.label(pred, EIGHT_IN_PLANE)
+    labels_px = p_labels[pred]
+    size = np.bincount(labels_px, minlength=n_pred + 1)
+    tp = np.bincount(labels_px, weights=truth[pred].astype(np.float64), minlength=n_pred + 1).astype(np.int64)
+    both = pred & truth
+    key = t_labels[both].astype(np.int64) * (n_pred + 1) + p_labels[both]
+    pairs, overlap = np.unique(key, return_counts=True)
+    pair_t, pair_p = pairs // (n_pred + 1), pairs % (n_pred + 1)
+    iou = overlap / (t_area[pair_t] + size[pair_p] - overlap)
+    ok = iou >= iou_threshold
+    order = np.argsort(-iou[ok], kind="stable")
+    return GlintPairs(int(truth.sum()), n_true, size, tp, pair_t[ok][order], pair_p[ok][order])
+
+
+def match_components(truth: Any, pred: Any, iou_threshold: float) -> tuple[int, int, int]:
+    """(matched, predicted, true) glint counts of boolean masks (..., H, W), tile by tile; greedy one-to-one by
+    IoU."""
+    shape = tuple(truth.shape)
+    pairs = glint_pairs(as_stack(truth, shape).astype(bool), as_stack(pred, shape).astype(bool), iou_threshold)
+    return pairs.matches(), len(pairs.pred_size) - 1, pairs.n_true
+
+
+def scores_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Pixel IoU, F1, precision, recall and glint-level precision, recall, F1 from counts (..., 6) in COUNT_FIELDS
+    order, with the conventions of the logged metrics (pixel scores 0 when undefined; nothing predicted is
+    precision 1 only when there was nothing to find; nothing to find is recall 1)."""
+    c = np.asarray(counts, dtype=np.float64)
+    tp, pred, true, matched, n_pred, n_true = (c[..., i] for i in range(6))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {
+            "iou": np.where(pred + true - tp > 0, tp / (pred + true - tp), 0.0),
+            "f1": np.where(pred + true > 0, 2 * tp / (pred + true), 0.0),
+            "precision": np.where(pred > 0, tp / pred, 0.0),
+            "recall": np.where(true > 0, tp / true, 0.0),
+            "object_precision": np.where(n_pred > 0, matched / n_pred, (n_true == 0).astype(np.float64)),
+            "object_recall": np.where(n_true > 0, matched / n_true, 1.0),
+        }
+        p, r = out["object_precision"], out["object_recall"]
+        out["object_f1"] = np.where(p + r > 0, 2 * p * r / (p + r), 0.0)
+    return out
+
+
+COUNT_FIELDS = ("tp_px", "predicted_px", "true_px", "matched", "predicted", "true")
 
 
 class ObjectMetric(Metric):
@@ -108,21 +183,17 @@ class ObjectMetric(Metric):
         """preds: probabilities (B, [1,] H, W); target: the {0, 1} mask; valid: pixels that count (invalid ones are
         neither glint nor background in either mask)."""
         valid = torch.ones_like(target, dtype=torch.bool) if valid is None else valid.bool()
-        size = target.shape[-2:]
-        truth = (target.bool() & valid).reshape(-1, *size).cpu().numpy()
-        pred = ((preds >= self.threshold) & valid).reshape(-1, *size).cpu().numpy()
-        counts = np.zeros(3, dtype=np.int64)
-        for t, p in zip(truth, pred):
-            counts += match_components(t, p, self.iou_threshold)
-        self.matched += int(counts[0])
-        self.predicted += int(counts[1])
-        self.true += int(counts[2])
+        truth, pred = target.bool() & valid, (preds >= self.threshold) & valid
+        matched, predicted, true = match_components(truth, pred, self.iou_threshold)
+        self.matched += matched
+        self.predicted += predicted
+        self.true += true
 
     def compute(self) -> dict[str, torch.Tensor]:
         """precision, recall, f1 and the counts. Nothing predicted scores precision 1 only when there was nothing
         to find; nothing to find scores recall 1."""
-        m, p, t = self.matched.float(), self.predicted.float(), self.true.float()  # exact below 2**24 glints
-        precision = torch.where(p > 0, m / p.clamp_min(1), (t == 0).float())
-        recall = torch.where(t > 0, m / t.clamp_min(1), torch.ones_like(m))
-        f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), 0.0)
-        return {"precision": precision, "recall": recall, "f1": f1, "true": t, "predicted": p, "matched": m}
+        counts = [0, 0, 0, int(self.matched), int(self.predicted), int(self.true)]
+        scores = scores_from_counts(np.array(counts))
+        out = {k: float(scores[f"object_{k}"]) for k in ("precision", "recall", "f1")}
+        out.update(true=counts[5], predicted=counts[4], matched=counts[3])
+        return {k: torch.tensor(float(v), device=self.matched.device) for k, v in out.items()}

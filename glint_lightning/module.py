@@ -4,8 +4,7 @@ with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -16,11 +15,11 @@ from torchmetrics import MetricCollection
 
 from glint_lightning import __version__
 from glint_lightning.checkpoints.reader import load_checkpoint, network_config
-from glint_lightning.inference.tiling import tta_transforms, with_tta
 from glint_lightning.metrics import OBJECT_METRICS, ObjectMetric, pixel_metrics
 from glint_lightning.models.base import forward_any_size
 from glint_lightning.models.common import model_part
 from glint_lightning.models.depth_input import DepthInput
+from glint_lightning.scoring import score_batch
 from glint_lightning.utils.errors import TrainingDiverged
 from glint_lightning.utils.seeding import STREAM_DROPOUT, derive_seed
 
@@ -29,22 +28,7 @@ from glint_lightning.utils.seeding import STREAM_DROPOUT, derive_seed
 WEIGHT_SOURCE_KEYS = ("pretrained", "strict")
 
 
-@contextmanager
-def _native_bincount_on_cpu(device: torch.device) -> Iterator[None]:
-    """torchmetrics replaces torch.bincount by an [N, bins] mesh whenever deterministic mode is on: gigabytes for
-    a validation split's pixels. On the CPU torch.bincount is deterministic already, so let it run there."""
-    if device.type != "cpu" or not torch.are_deterministic_algorithms_enabled():
-        yield
-        return
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(False)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
-
-
-def _rename_old_depth_buffers(state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+def _rename_old_depth_buffers(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """Checkpoints written before DepthInput kept the statistics as `depth_mean` / `depth_std`."""
     for old, new in (("depth_mean", "depth_input.mean"), ("depth_std", "depth_input.std")):
         if prefix + old in state_dict:
@@ -87,11 +71,10 @@ class GlintModule(L.LightningModule):
         self.model: nn.Module = instantiate(model)
         self.loss_fn: nn.Module = instantiate(loss)
         self.depth_input = DepthInput()
-        self._register_load_state_dict_pre_hook(_rename_old_depth_buffers)
+        self.register_load_state_dict_pre_hook(_rename_old_depth_buffers)
         self.val_metrics = pixel_metrics("val", threshold, ap_bins)
         self.test_metrics = pixel_metrics("test", threshold, ap_bins)
         self.test_objects = ObjectMetric(threshold)  # glint-level counts: CPU work per tile, so test stage only
-        self.test_label = "test"
 
     def set_threshold(self, threshold: float) -> None:
         """Use a (calibrated) probability threshold for the metrics and for inference from now on."""
@@ -99,11 +82,6 @@ class GlintModule(L.LightningModule):
         for metric in (*self.val_metrics.values(), *self.test_metrics.values(), self.test_objects):
             if hasattr(metric, "threshold"):
                 metric.threshold = threshold
-
-    def set_test_label(self, label: str) -> None:
-        """Name what the test loop scores (`<label>/iou`, ...): eval runs any split (train, val, test) through it."""
-        self.test_label = label
-        self.test_metrics = pixel_metrics(label, self.hparams.threshold, self.hparams.ap_bins)
 
     def set_depth_stats(self, mean: float, std: float) -> None:
         """Normalisation statistics of the training data; part of the state dict so inference reuses them."""
@@ -168,48 +146,29 @@ class GlintModule(L.LightningModule):
                 f"(now {lr}) or set trainer.gradient_clip_val=1.0"
             )
 
-    def set_test_tta(self, name: str) -> None:
-        """Score the test loop with test-time augmentation: probabilities averaged over flips (and 90-degree turns
-        for d4); validation during training never uses it."""
-        tta_transforms(name)  # refuses an unknown name
-        self.test_tta = name
-
     def _evaluate(
-        self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection
+        self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection, objects: ObjectMetric | None = None
     ) -> dict[str, torch.Tensor]:
-        tta = getattr(self, "test_tta", "none") if stage != "val" else "none"
-        if tta == "none":
-            logits = self(batch["depth"], batch["valid"])
-        else:  # the loss and the metrics see the averaged probability (as logits)
-            prob = with_tta(lambda d, v: torch.sigmoid(self(d, v)), batch["depth"], batch["valid"], tta, batched=True)
-            logits = torch.logit(prob, eps=1e-6)
-        loss = self.loss_fn(logits, batch["mask"], batch["valid"])
-        self.log(
-            f"{stage}/loss", loss, on_epoch=True, prog_bar=stage == "val", batch_size=logits.shape[0], sync_dist=True
-        )
-        valid = batch["valid"]
-        with _native_bincount_on_cpu(logits.device):
-            metrics.update(torch.sigmoid(logits)[valid], batch["mask"][valid].int())
-        self.log_dict(metrics, on_epoch=True, prog_bar=stage == "val")
+        """The shared scoring path (scoring.score_batch), logged under `stage`."""
+        loss, logits, _ = score_batch(self, batch, self.loss_fn, float(self.hparams.threshold), metrics, objects)
+        n, bar = batch["depth"].shape[0], stage == "val"
+        self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=bar, batch_size=n, sync_dist=True)
+        self.log_dict(metrics, on_epoch=True, prog_bar=bar)
         return {"loss": loss, "logits": logits.detach()}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluate(batch, "val", self.val_metrics)
 
     def on_test_epoch_start(self) -> None:
-        self.test_objects.reset()  # here rather than at the end: eval reads the counts after trainer.test
+        self.test_objects.reset()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        out = self._evaluate(batch, self.test_label, self.test_metrics)
-        self.test_objects.update(torch.sigmoid(out["logits"]), batch["mask"], batch["valid"])
-        return out
+        return self._evaluate(batch, "test", self.test_metrics, self.test_objects)
 
     def on_test_epoch_end(self) -> None:
         # compute() sums the counts over DDP ranks, so every rank holds the same values and "max" syncs them exactly
         values = self.test_objects.compute()
-        self.log_dict(
-            {f"{self.test_label}/object_{k}": values[k] for k in OBJECT_METRICS}, sync_dist=True, reduce_fx="max"
-        )
+        self.log_dict({f"test/object_{k}": values[k] for k in OBJECT_METRICS}, sync_dist=True, reduce_fx="max")
 
     def _param_groups(self, lr: float, lr_mult: Mapping[str, float]) -> list[dict[str, Any]] | list[nn.Parameter]:
         """Trainable parameters; with `lr_mult`, one named group per part at lr x mult, plus `rest` at lr."""
@@ -249,5 +208,8 @@ class GlintModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["glint_lightning_version"] = __version__
-        metrics = self.trainer.callback_metrics if self._trainer is not None else {}
+        try:
+            metrics = self.trainer.callback_metrics
+        except RuntimeError:  # not attached to a Trainer (saved by hand)
+            metrics = {}
         checkpoint["metrics"] = {k: float(v) for k, v in metrics.items() if torch.is_tensor(v) and v.numel() == 1}

@@ -22,9 +22,10 @@ from tqdm import tqdm
 
 from glint_lightning.checkpoints.io import atomic_output
 from glint_lightning.data.h5 import depth_and_validity
+from glint_lightning.inference.ensemble import Ensemble
 from glint_lightning.inference.frames import FramePredictor
-from glint_lightning.inference.loading import load_module
-from glint_lightning.inference.postprocess import PostProcess, resolve_postprocess, stored_postprocess
+from glint_lightning.inference.loading import load_module, stored_postprocess
+from glint_lightning.inference.postprocess import PostProcess, resolve_postprocess
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
@@ -34,9 +35,9 @@ REQUIRED = ("ckpt_path", "input", "output")
 EXAMPLE = "glint-predict ckpt_path=run/checkpoints/best.ckpt input=frames.h5 output=masks.h5"
 
 
-def _window(value: Any, module: GlintModule) -> tuple[int, int]:
+def _window(value: Any, module: GlintModule | Ensemble) -> tuple[int, int]:
     if value is None:
-        value = module.hparams.get("tile_size")
+        value = module.tile_size if isinstance(module, Ensemble) else module.hparams.get("tile_size")
         if not value:
             raise GlintError("window is not set and the model file records no tile size; pass window=256")
     size = (int(value), int(value)) if isinstance(value, int | float) else tuple(int(v) for v in value)
@@ -96,8 +97,10 @@ def predict_file(args: DictConfig) -> dict[str, Any]:
         raise GlintError(f"{out} exists; pass another output= or overwrite=true")
     device = torch_device(args.device)
     module = load_module(args.ckpt_path, map_location=device)
-    threshold = float(module.hparams.threshold if args.threshold is None else args.threshold)
-    stored = getattr(module, "postprocess", None) or stored_postprocess(args.ckpt_path)  # an ensemble carries its own
+    ensemble = isinstance(module, Ensemble)  # an ensemble carries its own threshold and post-processing
+    stored_threshold = module.threshold if ensemble else module.hparams.threshold
+    threshold = float(stored_threshold if args.threshold is None else args.threshold)
+    stored = module.postprocess if ensemble else stored_postprocess(args.ckpt_path)
     post = resolve_postprocess(args.get("postprocess"), stored)
     window = _window(args.window, module)
     predictor = FramePredictor(

@@ -23,7 +23,7 @@ from glint_lightning.cv import check_coverage, find_fold_runs
 from glint_lightning.data import GlintDataModule
 from glint_lightning.eval import build_data, evaluate
 from glint_lightning.inference.calibration import write_threshold
-from glint_lightning.inference.ensemble import EnsembleModule, read_ensemble, write_ensemble
+from glint_lightning.inference.ensemble import Ensemble, read_ensemble, write_ensemble
 from glint_lightning.inference.loading import load_module
 from glint_lightning.inference.postprocess import PostProcess
 from glint_lightning.metrics import EIGHT_CONNECTED, ObjectMetric
@@ -72,7 +72,7 @@ def test_an_ensemble_file_round_trips_through_eval_and_predict(pair, tmp_path):
     assert (spec.threshold, spec.postprocess, spec.info) == (0.4, PostProcess(2, False), {"made_by": "test"})
 
     module = load_module(ens)
-    assert isinstance(module, EnsembleModule) and module.hparams.threshold == 0.4
+    assert isinstance(module, Ensemble) and module.threshold == 0.4
     depth = torch.rand(2, 1, 32, 32) * 800 + 600
     valid = torch.rand(2, 1, 32, 32) > 0.1
     members = [GlintModule.from_checkpoint(str(p)) for p in pair]
@@ -267,13 +267,14 @@ def test_an_ensemble_averages_probabilities_and_refuses_members_of_other_tile_si
     a, b = pointwise_module(1.0, 0.0), pointwise_module(-2.0, 0.5)
     for m in (a, b):
         m.hparams.tile_size = [32, 32]
-    ensemble = EnsembleModule.from_members([a, b], 0.45, PostProcess(3))
+    ensemble = Ensemble([a, b], 0.45, PostProcess(3))
     depth, valid = torch.randn(2, 1, 8, 8), torch.ones(2, 1, 8, 8, dtype=torch.bool)
     with torch.no_grad():
         expected = (torch.sigmoid(a(depth, valid)) + torch.sigmoid(b(depth, valid))) / 2
         assert torch.allclose(torch.sigmoid(ensemble(depth, valid)), expected, atol=1e-6)
-    assert ensemble.model.stride == 1 and ensemble.hparams.tile_size == [32, 32]
-    assert ensemble.hparams.threshold == 0.45 and ensemble.postprocess == PostProcess(3)
+    assert isinstance(ensemble, torch.nn.Module) and not isinstance(ensemble, GlintModule)
+    assert ensemble.stride == 1 and ensemble.tile_size == [32, 32]
+    assert ensemble.threshold == 0.45 and ensemble.postprocess == PostProcess(3)
     b.hparams.tile_size = [64, 64]
     with pytest.raises(GlintError, match=r"different tile sizes \(32x32, 64x64\)"):
-        EnsembleModule.from_members([a, b], 0.5)
+        Ensemble([a, b], 0.5)

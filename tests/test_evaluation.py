@@ -12,9 +12,10 @@ from hydra import compose, initialize_config_dir
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.data import GlintDataModule
 from glint_lightning.eval import build_data, evaluate
-from glint_lightning.inference.calibration import calibrate_threshold, predictions
+from glint_lightning.inference.calibration import calibrate_threshold
 from glint_lightning.metrics import ObjectMetric, match_components
 from glint_lightning.module import GlintModule
+from glint_lightning.scoring import predict_loader
 from glint_lightning.train import train
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
@@ -124,9 +125,9 @@ def test_eval_scores_the_file_it_is_told(trained_ckpt, tmp_path):
     module = GlintModule.from_checkpoint_dict(ckpt)
     datamodule = build_data(ckpt["hyper_parameters"]["config"], {"test_path": str(other)}, "test")
     counts = np.zeros(3, dtype=int)
-    for logits, mask, valid in predictions(module, datamodule.eval_loader("test"), "cpu"):
+    for prob, mask, valid in predict_loader(module, datamodule.eval_loader("test"), "cpu"):
         truth = (mask.bool() & valid)[:, 0].numpy()
-        pred = ((torch.sigmoid(logits) >= told["threshold"]) & valid)[:, 0].numpy()
+        pred = ((prob >= told["threshold"]) & valid)[:, 0].numpy()
         counts += np.sum([match_components(t, p, 0.25) for t, p in zip(truth, pred)], axis=0)
     assert [told[f"test/object_{k}"] for k in ("matched", "predicted", "true")] == counts.tolist()
 

@@ -5,13 +5,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from glint_lightning.inference.calibration import calibrate_postprocess
-from glint_lightning.inference.postprocess import (
-    PostProcess,
-    PostprocessSearch,
-    postprocess_mask,
-    resolve_postprocess,
-)
+from glint_lightning.inference.calibration import PostprocessSearch, calibrate_postprocess
+from glint_lightning.inference.postprocess import PostProcess, postprocess_mask, resolve_postprocess
 from glint_lightning.metrics import ObjectMetric
 from glint_lightning.utils.errors import GlintError
 from tests.helpers import pointwise_module

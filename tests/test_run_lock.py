@@ -112,6 +112,8 @@ def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_
         "GLINT_TRUSTED_TARGETS": "tests.",
         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
     }
+    (run_dir / "checkpoints").mkdir(parents=True)  # an earlier run's, which a second train may want to resume
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"overwritten by the first train")
     first = subprocess.Popen(
         [sys.executable, "-m", "glint_lightning.train", *args, *gate],
         cwd=tmp_path,
@@ -125,12 +127,12 @@ def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_
         while not ready.exists():
             assert first.poll() is None and time.monotonic() < end, first.communicate()[1][-3000:]
             time.sleep(0.1)
-        second = run_cli("glint_lightning.train", *args, cwd=tmp_path, env=env)
+        second = run_cli("glint_lightning.train", *args, "ckpt_path=last", cwd=tmp_path, env=env)
     finally:
         go.touch()
         out, err = first.communicate(timeout=300)
     assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
-    refusal = second.stderr.strip().splitlines()[-1]
+    (refusal,) = second.stderr.strip().splitlines()  # only the refusal: no "resuming this run in place from ..."
     assert refusal.startswith(
         f"error: {run_dir}: another glint train is writing to this run dir (pid {first.pid} on "
         f"{socket.gethostname()}, started "

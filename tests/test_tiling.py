@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from glint_lightning.inference.frames import FramePredictor, pad_frame
-from glint_lightning.inference.tiling import gaussian_importance, padded_length, tta_transforms, window_starts
+from glint_lightning.inference.tiling import gaussian_importance, padded_length, window_starts
 from glint_lightning.module import GlintModule
+from glint_lightning.scoring import tta_transforms
 from glint_lightning.utils.errors import GlintError
 from tests.helpers import pointwise_module
 

@@ -6,10 +6,11 @@ The file is plain JSON (`<name>.ensemble.json`, written by glint-cv):
      "members": ["0/checkpoints/best-epoch004.ckpt", "1/checkpoints/best-epoch005.ckpt"],
      "threshold": 0.46, "postprocess": {"min_size": 4, "fill_holes": false}, ...}
 
-Member paths are relative to the file's folder (absolute ones are taken as they are). Loaded, it is a GlintModule
-whose forward averages the members' probabilities (each member normalises depth with its own statistics), so eval,
-predict and test-time augmentation take it wherever they take a checkpoint. Every member is read like a checkpoint
-given directly (`weights_only=True`, every stored `_target_` checked against the trusted prefixes).
+Member paths are relative to the file's folder (absolute ones are taken as they are). Loaded, it is an `Ensemble`:
+a plain nn.Module whose forward averages the members' probabilities (each member normalises depth with its own
+statistics), so the scoring path (glint_lightning.scoring) and the frame predictor take it as they take one network.
+Every member is read like a checkpoint given directly (`weights_only=True`, every stored `_target_` checked against
+the trusted prefixes).
 """
 
 from __future__ import annotations
@@ -111,73 +112,51 @@ def write_ensemble(
     return path
 
 
-class EnsembleNet(nn.Module):
-    """The members' mean probability, as a logit. `stride` is the least common multiple of the members' strides
-    (the largest, for the usual powers of two), so windows placed for it suit every member."""
+class Ensemble(nn.Module):
+    """The members' mean probability (returned as its logit, so it reads like one network), with what the ensemble
+    file records: its threshold and post-processing, and each member's run config and path. `stride` is the least
+    common multiple of the members' strides, so windows placed for it suit every member. Not for training."""
 
-    def __init__(self, members: Sequence[GlintModule]) -> None:
-        super().__init__()
-        self.members = nn.ModuleList(members)
-        self.stride = math.lcm(*(network_stride(m.model) for m in members))
-
-    def forward(self, depth: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Depth in mm (B, 1, H, W) and validity (all valid when None) -> logit of the mean probability."""
-        if valid is None:
-            valid = torch.ones_like(depth, dtype=torch.bool)
-        total = None
-        for member in self.members:
-            prob = torch.sigmoid(member(depth, valid).float())
-            total = prob if total is None else total + prob
-        return torch.logit(total / len(self.members), eps=1e-6)
-
-
-class EnsembleModule(GlintModule):
-    """A GlintModule over an EnsembleNet: scored by the same test loop and run by the same frame predictor as one
-    checkpoint. Not for training. Build it with `from_members` or `load_ensemble`."""
-
-    postprocess: PostProcess
-    configs: list[dict[str, Any]]
-    member_paths: list[Path]
-
-    @classmethod
-    def from_members(
-        cls,
+    def __init__(
+        self,
         members: Sequence[GlintModule],
         threshold: float,
         postprocess: PostProcess | None = None,
         configs: Sequence[Mapping[str, Any]] = (),
         paths: Sequence[Path] = (),
-    ) -> EnsembleModule:
+    ) -> None:
         tiles = {tuple(m.hparams.get("tile_size") or ()) for m in members}
         if len(tiles) > 1:
             sizes = ", ".join("x".join(map(str, t)) or "none" for t in sorted(tiles))
             raise GlintError(f"ensemble members were trained on different tile sizes ({sizes}); use members that agree")
-        first = members[0]
-        module = cls(
-            model={"_target_": "torch.nn.Identity"},  # replaced by the members below
-            loss=first.hparams.loss,
-            optimizer={},
-            threshold=threshold,
-            ap_bins=first.hparams.get("ap_bins", 200),
-            tile_size=first.hparams.get("tile_size"),
-        )
-        module.model = EnsembleNet(members)
-        module.postprocess = postprocess or PostProcess()
-        module.configs = [dict(c) for c in configs]
-        module.member_paths = list(paths)
-        return module.to(first.depth_mean.device).eval()
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.stride = math.lcm(*(network_stride(m.model) for m in members))
+        self.threshold = float(threshold)
+        self.postprocess = postprocess or PostProcess()
+        self.configs = [dict(c) for c in configs]
+        self.member_paths = list(paths)
+        self.tile_size = members[0].hparams.get("tile_size")
+        self.ap_bins = members[0].hparams.get("ap_bins", 200)
+        self.eval()
 
-    def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        return self.model(depth, valid)
+    @property
+    def loss_fn(self) -> nn.Module:
+        """The first member's loss: what glint-eval reports as `<split>/loss`."""
+        return self.members[0].loss_fn
 
-    def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        raise GlintError("an ensemble is for scoring and prediction; train its members instead")
+    def forward(self, depth: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Depth in mm (B, 1, H, W) and validity (all valid when None) -> logit of the mean probability."""
+        if valid is None:
+            valid = torch.ones_like(depth, dtype=torch.bool)
+        total = sum(torch.sigmoid(member(depth, valid).float()) for member in self.members)
+        return torch.logit(total / len(self.members), eps=1e-6)
 
 
-def load_ensemble(path: str | Path, map_location: str | torch.device = "cpu") -> EnsembleModule:
+def load_ensemble(path: str | Path, map_location: str | torch.device = "cpu") -> Ensemble:
     """An ensemble file as one module in eval mode (each member trust-checked as a direct checkpoint is)."""
     spec = read_ensemble(path)
     ckpts = [load_checkpoint(member) for member in spec.members]
     members = [GlintModule.from_checkpoint_dict(ckpt, map_location) for ckpt in ckpts]
     configs = [(ckpt.get("hyper_parameters") or {}).get("config") or {} for ckpt in ckpts]
-    return EnsembleModule.from_members(members, spec.threshold, spec.postprocess, configs, spec.members)
+    return Ensemble(members, spec.threshold, spec.postprocess, configs, spec.members)

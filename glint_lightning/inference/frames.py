@@ -14,17 +14,11 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from glint_lightning.inference.tiling import (
-    TTA_MODES,
-    gaussian_importance,
-    padded_length,
-    round_up,
-    tta_transforms,
-    window_starts,
-    with_tta,
-)
+from glint_lightning.inference.ensemble import Ensemble
+from glint_lightning.inference.tiling import gaussian_importance, padded_length, round_up, window_starts
 from glint_lightning.models.base import network_stride
 from glint_lightning.module import GlintModule
+from glint_lightning.scoring import TTA_MODES, tta_transforms, with_tta
 from glint_lightning.utils.errors import GlintError
 
 __all__ = ["FramePredictor", "gaussian_importance", "window_starts"]  # data/convert.py imports window_starts here
@@ -88,7 +82,7 @@ class FramePredictor:
     """Glint probabilities for whole depth frames from a trained module.
 
     Args:
-        module: a GlintModule (in eval mode on `device`).
+        module: a GlintModule or an Ensemble (in eval mode, on the device it predicts on).
         window: (h, w) of the windows, normally the training tile size; rounded up to a multiple of the network's
             stride (the network would pad a window to that size anyway).
         overlap: share of a window overlapping its neighbour (0.5 by default).
@@ -107,7 +101,7 @@ class FramePredictor:
 
     def __init__(
         self,
-        module: GlintModule,
+        module: GlintModule | Ensemble,
         window: tuple[int, int],
         overlap: float = 0.5,
         batch_size: int = 16,
@@ -138,7 +132,7 @@ class FramePredictor:
         tta_transforms(tta)  # fails here, not on the first frame, if the name is wrong
         self.module, self.overlap, self.tta = module.eval(), overlap, tta
         self.batch_size, self.mode = int(batch_size), mode
-        self.device = module.depth_mean.device
+        self.device = next(module.buffers()).device  # every module here has buffers (the depth statistics)
         self.channels_last = channels_last and use_channels_last(net, self.stride, self.device)
         self.weights = gaussian_importance(*self.window, sigma_scale).to(self.device)
         self._geometry: dict[tuple[int, int], _Geometry] = {}

@@ -1,16 +1,25 @@
-"""What `glint-export` writes, read back as a GlintModule: `.safetensors` with its JSON sidecar (no unpickler runs at
-all) and `.pth` (weights_only), besides Lightning `.ckpt` files, so a tool that takes a checkpoint takes them too.
-Every `_target_` they name is checked against the trusted prefixes before anything is built."""
+"""Reading model files as modules: what `glint-export` writes, read back as a GlintModule (`.safetensors` with its JSON
+sidecar: no unpickler runs at all; `.pth`: weights_only), besides Lightning `.ckpt` files and glint-cv's ensemble
+files, so a tool that takes a checkpoint takes them too. Every `_target_` they name is checked against the trusted
+prefixes before anything is built. Also the post-processing a model file records."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from glint_lightning.checkpoints.reader import network_config, read_safetensors, read_sidecar, read_torch_file
-from glint_lightning.inference.ensemble import load_ensemble
+from glint_lightning.checkpoints.reader import (
+    load_checkpoint,
+    network_config,
+    read_safetensors,
+    read_sidecar,
+    read_torch_file,
+)
+from glint_lightning.inference.ensemble import Ensemble, is_ensemble_file, load_ensemble, read_ensemble
+from glint_lightning.inference.postprocess import PostProcess
 from glint_lightning.module import GlintModule
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.trust import check_targets
@@ -18,12 +27,13 @@ from glint_lightning.utils.trust import check_targets
 DEFAULT_LOSS = {"_target_": "glint_lightning.losses.BCELoss"}  # only for exports that record no loss
 
 
-def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> GlintModule:
-    """A .ckpt, an exported .pth or a .safetensors (+ .json) file as a GlintModule in eval mode."""
+def load_module(path: str | Path, map_location: str | torch.device = "cpu") -> GlintModule | Ensemble:
+    """A .ckpt, an exported .pth or a .safetensors (+ .json) file as a GlintModule in eval mode; an ensemble file
+    as an Ensemble."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise GlintError(f"{path}: no such file; pass a .ckpt, or a .pth/.safetensors file from glint-export")
-    if path.name.endswith(".ensemble.json"):  # glint-cv's ensemble file: the mean of its (trust-checked) members
+    if is_ensemble_file(path):  # glint-cv's ensemble file: the mean of its (trust-checked) members
         return load_ensemble(path, map_location)
     if path.suffix == ".safetensors":
         return load_safetensors(path).to(map_location)
@@ -67,3 +77,19 @@ def module_from_export(meta: dict[str, Any], state: dict[str, torch.Tensor], sou
         ) from None
     module.set_depth_stats(float(meta["depth_mean"]), float(meta["depth_std"]))
     return module.eval()
+
+
+def checkpoint_postprocess(ckpt: Mapping[str, Any], source: str = "checkpoint") -> PostProcess:
+    """The post-processing a loaded checkpoint records (stored by glint-eval calibrate=true beside the threshold)."""
+    return PostProcess.from_dict((ckpt.get("threshold_calibration") or {}).get("postprocess"), source)
+
+
+def stored_postprocess(path: str | Path) -> PostProcess:
+    """The post-processing a model file records: a .ckpt's calibration, an ensemble file's; exported files (.pth,
+    .safetensors) record none."""
+    path = Path(path).expanduser()
+    if is_ensemble_file(path):
+        return read_ensemble(path).postprocess
+    if path.suffix == ".ckpt":
+        return checkpoint_postprocess(load_checkpoint(path), str(path))
+    return PostProcess()

@@ -1,5 +1,5 @@
-"""Geometry of full-frame inference, apart from any model: where the windows go, how they are weighted, and the
-test-time augmentations (flips, 90-degree rotations) with their inverses.
+"""Geometry of full-frame inference, apart from any model: where the windows go and how they are weighted (the
+test-time augmentations are in glint_lightning.tta).
 
 Window starts are multiples of the network's total stride: a network that pools is shift-equivariant only for
 shifts by whole multiples of its stride, so only then does a window see what the whole-frame pass sees at the same
@@ -9,16 +9,11 @@ pixels, and blending agrees with one forward pass over the frame.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from functools import lru_cache
 
 import torch
 
 from glint_lightning.utils.errors import OptionError
-
-TTA_MODES = ("none", "flip", "d4")
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -66,58 +61,3 @@ def gaussian_importance(height: int, width: int, sigma_scale: float = 0.125) -> 
 
     Computed once per (size, sigma) and cached; each call returns a copy."""
     return _gaussian(height, width, float(sigma_scale)).clone()
-
-
-def _d4(k: int, flip: bool) -> tuple[Transform, Transform]:
-    """Rotate by k x 90 degrees after an optional left-right flip, and the inverse of that."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        x = x.flip(-1) if flip else x
-        return torch.rot90(x, k, dims=(-2, -1)) if k else x
-
-    def inverse(y: torch.Tensor) -> torch.Tensor:
-        y = torch.rot90(y, -k, dims=(-2, -1)) if k else y
-        return y.flip(-1) if flip else y
-
-    return forward, inverse
-
-
-def tta_transforms(name: str, square: bool = True) -> list[tuple[Transform, Transform]]:
-    """(forward, inverse) pairs over the last two dims: none = identity; flip = identity, left-right, up-down and
-    both flips; d4 = those and the four transposing ones (90/270-degree rotations, with and without a flip), which
-    swap H and W: so only for square inputs (`square=False` refuses it) or a network that takes any size."""
-    if name not in TTA_MODES:
-        raise OptionError(f"tta={name!r}; use none, flip or d4")
-    if name == "d4" and not square:
-        raise OptionError("tta=d4 rotates by 90 degrees, which needs a square window; use tta=flip or mode=full")
-    if name == "none":
-        return [_d4(0, False)]
-    flips = [_d4(0, False), _d4(0, True), _d4(2, True), _d4(2, False)]  # identity, left-right, up-down, both
-    return flips if name == "flip" else [*flips, _d4(1, False), _d4(1, True), _d4(3, False), _d4(3, True)]
-
-
-def with_tta(
-    probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    depth: torch.Tensor,
-    valid: torch.Tensor,
-    name: str,
-    batched: bool = False,
-) -> torch.Tensor:
-    """Mean over the `name` transforms T of T^-1(probs(T(depth), T(valid))): probabilities, not logits, averaged.
-
-    `probs` maps (B, 1, H, W) depth and validity to (B, 1, H, W) probabilities, and must take W x H inputs for d4
-    when H != W. batched=True stacks the transformed inputs into one call of `probs` (fewer, fuller passes, for
-    small windows; T times the memory), else one call per transform."""
-    transforms = tta_transforms(name)
-    if len(transforms) == 1:
-        return probs(depth, valid)
-    if batched and (name == "flip" or depth.shape[-2] == depth.shape[-1]):  # all of one shape: one batch
-        n = depth.shape[0]
-        out = probs(torch.cat([f(depth) for f, _ in transforms]), torch.cat([f(valid) for f, _ in transforms]))
-        parts = [inverse(out[i * n : (i + 1) * n]) for i, (_, inverse) in enumerate(transforms)]
-    else:
-        parts = (inverse(probs(forward(depth), forward(valid))) for forward, inverse in transforms)
-    total = None
-    for p in parts:
-        total = p.clone() if total is None else total.add_(p)
-    return total.div_(len(transforms))
