@@ -1,15 +1,29 @@
 """A lab's own project: its config folder adds options, its own package holds a network and a loss, and the whole
-life cycle works through the installed commands once the package is trusted."""
+life cycle works once the package is trusted: the first training from the command line (`--config-dir`), the rest
+through each console script's task in this process (Hydra's search path holding the config folder, as there)."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
 
+from glint_lightning.checkpoints.reader import load_checkpoint
+from glint_lightning.eval import main as eval_main
+from glint_lightning.export import export
+from glint_lightning.predict import main as predict_main
+from glint_lightning.train import main as train_main
+from glint_lightning.train import train
+from glint_lightning.utils.config_dir import CONFIG_DIR
+from glint_lightning.utils.errors import GlintError
+from glint_lightning.utils.trust import UntrustedTarget
 from tests.helpers import TINY, run_cli
 
 NETS = '''
@@ -76,45 +90,62 @@ def _tiny() -> list[str]:
     return [a for a in TINY if not a.startswith("model.")] + ["test=false"]
 
 
+@pytest.fixture
+def in_process(project: Path, monkeypatch: pytest.MonkeyPatch, cache_dir: Path) -> Callable[..., DictConfig]:
+    """The project on sys.path and as the cwd, mylab. trusted (as its experiment says); returns compose(<tool>,
+    overrides) with the project's config folder on Hydra's search path, as `--config-dir myconf` puts it."""
+    monkeypatch.syspath_prepend(str(project))
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("GLINT_TRUSTED_TARGETS", "mylab.")
+    yield lambda tool, *overrides: _compose(tool, f"hydra.searchpath=[file://{project / 'myconf'}]", *overrides)
+    for name in [m for m in sys.modules if m == "mylab" or m.startswith("mylab.")]:
+        del sys.modules[name]  # the next test's project is another folder
+
+
+def _compose(tool: str, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(tool, overrides=list(overrides))
+
+
 @pytest.mark.slow
-def test_own_network_and_loss_train_resume_eval_predict_export(project, cache_dir):
+def test_own_network_and_loss_train_resume_eval_predict_export(project, cache_dir, in_process):
+    """Training starts from the command line (the user's config folder and package, in a subprocess); resume, eval,
+    predict and export then run each console script's own task in this process."""
     env = {"GLINT_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(project)}
     base = ["--config-dir", "myconf", "experiment=mine", *_tiny(), "hydra.run.dir=run"]
     res = run_cli("glint_lightning.train", *base, "trainer.max_epochs=1", cwd=project, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli("glint_lightning.train", *base, "trainer.max_epochs=2", "ckpt_path=last", cwd=project, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
     ckpt = project / "run" / "checkpoints" / "last.ckpt"
-    trusted = "trusted_targets=[mylab.]"
+    assert load_checkpoint(ckpt)["hyper_parameters"]["model"]["_target_"] == "mylab.nets.TinyNet"
 
-    res = run_cli("glint_lightning.eval", f"ckpt_path={ckpt}", "split=val", trusted, cwd=project, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli(
-        "glint_lightning.predict", f"ckpt_path={ckpt}", "input=frames.h5", "output=masks.h5", trusted,
-        cwd=project, env=env,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    run = [f"paths.output_dir={project / 'run'}", f"paths.outputs_root={project}", f"paths.cache_dir={cache_dir}"]
+    train_main.task(in_process("train", "experiment=mine", *_tiny(), *run, "trainer.max_epochs=2", "ckpt_path=last"))
+    resumed = load_checkpoint(ckpt)
+    assert resumed["epoch"] == 1 and resumed["hyper_parameters"]["loss"]["_target_"] == "mylab.nets.WeightedBCE"
+
+    result = eval_main.task(in_process("eval", f"ckpt_path={ckpt}", "split=val", "out=eval"))
+    assert 0 <= result["val/iou"] <= 1 and (project / "eval" / "metrics.json").is_file(), result
+    predict_main.task(in_process("predict", f"ckpt_path={ckpt}", "input=frames.h5", "output=masks.h5"))
     with h5py.File(project / "masks.h5") as f:
         assert f["mask"].shape == (2, 45, 70)
     for fmt in ("pth", "torchscript", "onnx"):
-        res = run_cli("glint_lightning.export", f"ckpt_path={ckpt}", f"format={fmt}", trusted, cwd=project, env=env)
-        assert res.returncode == 0, f"{fmt}: {res.stderr[-3000:]}"
-        assert "max abs diff" in res.stdout
+        result = export(in_process("export", f"ckpt_path={ckpt}", f"format={fmt}", f"out=model.{fmt}"))
+        assert result["max_abs_diff"] < 1e-3, f"{fmt}: {result}"
+        assert (project / f"model.{fmt}").is_file()
 
 
-def test_own_code_is_refused_until_trusted(project, cache_dir):
-    env = {"GLINT_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(project)}
-    res = run_cli("glint_lightning.train", "--config-dir", "myconf", "model=tiny", *_tiny(), cwd=project, env=env)
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
-    assert "model._target_=mylab.nets.TinyNet" in errors[0] and "trusted_targets=[mylab.]" in errors[0]
+def test_own_code_is_refused_until_trusted(project, in_process, cache_dir, monkeypatch):
+    monkeypatch.delenv("GLINT_TRUSTED_TARGETS")
+    cfg = in_process("train", "model=tiny", *_tiny(), f"paths.output_dir={project / 'run'}")
+    with pytest.raises(UntrustedTarget) as err:
+        train(cfg)
+    assert "model._target_=mylab.nets.TinyNet" in str(err.value) and "trusted_targets=[mylab.]" in str(err.value)
+    assert "\n" not in str(err.value) and isinstance(err.value, GlintError), "one line, exit 2"
 
 
-def test_a_network_that_breaks_the_contract_is_refused_at_start(project, cache_dir):
-    env = {"GLINT_CACHE_DIR": str(cache_dir), "PYTHONPATH": str(project)}
-    args = ["--config-dir", "myconf", "model=wrong", "trusted_targets=[mylab.]", *_tiny(), "hydra.run.dir=run"]
-    res = run_cli("glint_lightning.train", *args, cwd=project, env=env)
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
-    assert "mylab.nets.WrongChannels" in errors[0] and "Traceback" not in res.stderr
+def test_a_network_that_breaks_the_contract_is_refused_at_start(project, in_process, cache_dir):
+    cfg = in_process("train", "model=wrong", *_tiny(), f"paths.output_dir={project / 'run'}")
+    with pytest.raises(GlintError) as err:
+        train(cfg)
+    assert str(err.value).startswith("model._target_=mylab.nets.WrongChannels: ") and "\n" not in str(err.value)
     assert not (project / "run" / "checkpoints").exists()
