@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from glint_lightning.data.check import check_file, index_ranges
+from glint_lightning.data.check import main as check_main
 from glint_lightning.data.convert import convert
 from glint_lightning.data.demo import synth_tile
 from glint_lightning.train import train
@@ -60,12 +61,21 @@ def test_check_names_every_problem_with_key_and_tiles(tmp_path):
         (lambda p: write_tiles(p, random_tiles(3)[0][:0], random_tiles(3)[1][:0]), "'depth': no tiles"),
     ],
 )
-def test_check_cli_fails_with_one_line_per_problem(tmp_path, setup, message):
+def test_check_fails_with_one_line_per_problem(tmp_path, capsys, setup, message):
+    """The console script's main() in this process; the subprocess case below runs the command itself."""
     path = tmp_path / "t.h5"
     setup(path)
+    assert check_main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
+
+
+def test_check_command_line_fails_with_one_line(tmp_path):
+    path = tmp_path / "t.h5"
+    path.write_text("x")
     res = run_cli("glint_lightning.data.check", str(path), cwd=tmp_path)
-    assert res.returncode == 2
-    assert f"error: {path}: {message}" in res.stderr, res.stderr
+    assert res.returncode == 2 and res.stderr.startswith(f"error: {path}: not an HDF5 file"), res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr, res.stderr
 
 
 def _recordings(path, n=8, h=80, w=100, seed=0):
