@@ -1,7 +1,11 @@
+import sys
+
 import h5py
 import numpy as np
+import pytest
 
 from glint_lightning.data.demo import cached_demo, demo_folder, make_demo
+from glint_lightning.data.make_demo import main as make_demo_main
 from tests.helpers import run_cli
 
 
@@ -45,7 +49,7 @@ def test_cached_demo_generates_once(tmp_path):
     assert demo_folder(tmp_path, 8, 4, 4, 32, 1) != folder
 
 
-def test_make_demo_cli(tmp_path):
+def test_make_demo_cli(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     res = run_cli(
         "glint_lightning.data.make_demo",
@@ -59,7 +63,11 @@ def test_make_demo_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     assert (out / "train.h5").is_file() and (out / "test.h5").is_file()
     assert str(out / "train.h5") in res.stdout
-    bad = run_cli("glint_lightning.data.make_demo", f"out={out}", "n_tiles=6", cwd=tmp_path)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().startswith("error:") and "n_tiles" in bad.stderr and "Traceback" not in bad.stderr
+    monkeypatch.chdir(tmp_path)  # the refusal: the console script's main() in this process
+    monkeypatch.setattr(sys, "argv", ["glint-make-demo", f"out={out}", "n_tiles=6"])
+    with pytest.raises(SystemExit) as exit_:
+        make_demo_main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error:") and "n_tiles" in err and "Traceback" not in err
     assert [p.name for p in tmp_path.iterdir()] == ["demo"], "no outputs/, .hydra or log file in the cwd"
