@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glint_lightning.callbacks import FeatureMaps
+from glint_lightning.callbacks.feature_maps import check_layers, hook_targets
 from glint_lightning.callbacks.finetuning import BATCH_NORMS
 from glint_lightning.train import build_module, train
 from glint_lightning.utils.errors import GlintError
@@ -126,3 +127,15 @@ def test_a_layer_that_does_not_run_in_a_logged_validation_is_named_in_a_warning(
     with pytest.warns(UserWarning, match=r"layers: 'aux_head' did not run in this validation batch; no features/aux"):
         trainer.validate(build_module(cfg), datamodule=datamodule, verbose=False)
     assert set(EventAccumulator(trainer.logger.log_dir).Reload().Tags()["images"]) == {"features/aspp"}
+
+
+def test_the_layer_probe_runs_a_compiled_model_eagerly(make_cfg):
+    """compile=true compiles the network in place; the start-up probe checks its layers without compiling it."""
+    compiled = []
+    model = build_module(make_cfg()).model
+    model.compile(backend=lambda graph, inputs: compiled.append(graph) or graph.forward)
+    check_layers(model, hook_targets(model, ["downs"]))
+    runs = r"'stray' of UNet does not run in the validation .*; layers that run: inc, downs.0"
+    with pytest.raises(GlintError, match=runs):
+        check_layers(model, {"stray": torch.nn.Conv2d(1, 1, 1)})
+    assert not compiled, "the probe went through torch.compile"

@@ -71,8 +71,8 @@ def _probe(model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, Any]:
     size = 2 * network_stride(model)
     was_training = model.training
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, 1, size, size, device=first.device if first is not None else "cpu"))
+        with torch.no_grad():  # forward, not __call__: a model compiled in place (compile=true) runs eagerly here
+            model.eval().forward(torch.zeros(1, 1, size, size, device=first.device if first is not None else "cpu"))
     finally:
         model.train(was_training)
         for handle in handles:
@@ -112,7 +112,7 @@ class FeatureMaps(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._targets = hook_targets(pl_module.model, self.layers)  # fail at start-up, not after the first epoch
-        if stage == "fit" and getattr(pl_module.model, "_compiled_call_impl", None) is None:  # no probe compile
+        if stage == "fit":
             check_layers(pl_module.model, self._targets)
 
     def _due(self, trainer: L.Trainer) -> bool:
