@@ -136,8 +136,9 @@ def test_a_user_network_without_forward_padded_exports(tmp_path, monkeypatch, fm
 def test_a_network_without_stride_exports_through_the_cli_once_trusted(tmp_path):
     pytest.importorskip("onnxruntime")
     ckpt = _checkpoint(tmp_path / "plain.ckpt", f"{HERE}.PlainNet")
-    refused = run_cli("glint_lightning.export", f"ckpt_path={ckpt}", "format=onnx", cwd=tmp_path)
-    assert refused.returncode == 2 and f"model._target_={HERE}.PlainNet is not a trusted target" in refused.stderr
+    with pytest.raises(UntrustedTarget, match=rf"model._target_={HERE}.PlainNet is not a trusted target"):
+        _export(f"ckpt_path={ckpt}", "format=onnx", f"out={tmp_path / 'refused.onnx'}")
+    assert not (tmp_path / "refused.onnx").exists()
     trusted = "trusted_targets=[tests.]"
     res = run_cli("glint_lightning.export", f"ckpt_path={ckpt}", "format=onnx", trusted, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
