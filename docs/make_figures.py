@@ -143,7 +143,7 @@ def main() -> None:
         "pr_curve",
         cmd.replace(str(REPO) + "/", ""),
         s,
-        "pr_curve.png of glint-eval on the quickstart's best checkpoint, the demo test split",
+        "the PR curve glint-eval wrote (pr_curve.png) for the quickstart's best checkpoint on the demo test split",
     )
 
     frames, overlays = WORK / "frames.h5", WORK / "overlays"
@@ -152,7 +152,7 @@ def main() -> None:
     cmd, s, _ = command("predict", *predict_args, "overwrite=true", log=logs / "predict.txt")
     first = sorted(overlays.glob("*_overlay.png"))[0]
     shutil.copy(first, IMAGES / "predict_overlay.png")
-    what = f"{first.name} of glint-predict: a 256x384 frame laid out from 24 demo tiles, predicted glints in red"
+    what = f"the overlay glint-predict wrote ({first.name}): a 256x384 frame laid out from 24 demo tiles"
     record("predict_overlay", cmd.replace(str(REPO) + "/", ""), s, what)
 
     sweep = WORK / "sweep"
@@ -163,7 +163,12 @@ def main() -> None:
         record("sweep", cmd.replace(str(REPO) + "/", ""), s, "a 3-job loss sweep")
     cmd, s, _ = command("report", f"dir={sweep}", log=logs / "report.txt")
     shutil.copy(sweep / "report.png", IMAGES / "sweep_report.png")
-    record("sweep_report", cmd.replace(str(REPO) + "/", ""), s, "report.png of glint-report on the loss sweep above")
+    record(
+        "sweep_report",
+        cmd.replace(str(REPO) + "/", ""),
+        s,
+        "the chart glint-report wrote (report.png) for a sweep of three losses",
+    )
 
     cv = WORK / "cv"
     if not (args.reuse and (cv / "cv.json").exists()):

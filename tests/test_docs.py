@@ -220,3 +220,12 @@ def test_a_browser_shows_the_pages_and_their_images(site, page, tmp_path):
         url = urljoin(f"/{page}/", src)
         assert served.get(url) == 200, f"{page}: the browser did not load {src} ({url}: {served.get(url)})"
     assert shot.is_file() and not _blank(shot), f"{page}: the screenshot is blank"
+
+
+def test_readme_links_resolve():
+    """The README is short and points into docs/: every relative link must name a file that exists."""
+    readme = (REPO / "README.md").read_text()
+    for link in re.findall(r"\]\(([^)\s]+)\)", readme):
+        target = link.split("#")[0]
+        if target and not re.match(r"[a-z]+:", target):
+            assert (REPO / target).exists(), f"README.md links to {link}, which does not exist"

@@ -25,6 +25,7 @@ IMAGES = ROOT / "docs" / "images"
 _KEY = re.compile(r"^(?P<indent> *)(?P<key>[\w.+@/-]+):(?:\s+(?P<value>[^#]*?))?\s*(?:#\s?(?P<comment>.*))?$")
 _COMMENT_ONLY = re.compile(r"^(?P<indent> *)#\s?(?P<comment>.*)$")
 _MARKER = re.compile(r"<!--\s*(config-reference|options|figure|text)\s*:?\s*([\w.\-/]*)\s*-->")
+_ESCAPES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("*", "\\*"), ("[", "\\["))  # "&" first
 _SKIPPED = ("defaults", "hydra.help")  # the defaults list and the --help templates are not options
 
 
@@ -94,10 +95,11 @@ def package(path: Path) -> str:
 
 
 def _cell(text: str) -> str:
-    """Comment text as Markdown that shows it as written (no HTML tags from `<dir>`, no column breaks)."""
+    """Comment text as Markdown that shows it as written (no tags from `<dir>`, links from `[a] [b]`, column breaks)."""
     parts = text.split("`")
     for i in range(0, len(parts), 2):  # outside code spans
-        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("*", "\\*")
+        for raw, shown in _ESCAPES:
+            parts[i] = parts[i].replace(raw, shown)
     return "`".join(parts).replace("|", "\\|")
 
 
