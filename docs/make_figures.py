@@ -78,9 +78,11 @@ def tensorboard_grid(run: Path, out: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import IMAGES as TB_IMAGES
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(run / "tensorboard"), size_guidance={TB_IMAGES: 0})
-    events.Reload()
-    images = [image for tag in events.Tags()[TB_IMAGES] if tag == "val/predictions" for image in events.Images(tag)]
+    images = []
+    if (run / "tensorboard").is_dir():
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={TB_IMAGES: 0})
+        events.Reload()
+        images = [im for tag in events.Tags()[TB_IMAGES] if tag == "val/predictions" for im in events.Images(tag)]
     if not images:
         sys.exit(f"error: {run}/tensorboard holds no val/predictions image; is callbacks.prediction_images on?")
     out.write_bytes(images[-1].encoded_image_string)

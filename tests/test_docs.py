@@ -27,12 +27,17 @@ RUNNABLE = "<!-- runnable -->"  # put on the line before a ```bash block whose e
 SCRIPTS = dict(re.findall(r'^(glint-[\w-]+) = "([\w.]+):main"', (REPO / "pyproject.toml").read_text(), re.MULTILINE))
 
 
-def _hook():
-    spec = importlib.util.spec_from_file_location("glint_docs_hook", DOCS / "hooks" / "glint_docs.py")
+def _load(name: str, path: Path):
+    """A script of docs/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
+
+
+def _hook():
+    return _load("glint_docs_hook", DOCS / "hooks" / "glint_docs.py")
 
 
 def runnable_lines() -> list[tuple[str, str]]:
@@ -229,3 +234,24 @@ def test_readme_links_resolve():
         target = link.split("#")[0]
         if target and not re.match(r"[a-z]+:", target):
             assert (REPO / target).exists(), f"README.md links to {link}, which does not exist"
+
+
+def test_make_figures_takes_tensorboards_grid_and_lays_out_frames(tmp_path):
+    """The two steps of `make docs-figures` that are its own code (the rest runs the package's commands)."""
+    import h5py
+    import torch
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    figures = _load("glint_make_figures", DOCS / "make_figures.py")
+    with SummaryWriter(tmp_path / "run" / "tensorboard") as writer:
+        writer.add_image("val/predictions", torch.zeros(3, 20, 30), global_step=1)
+        writer.add_image("val/predictions", torch.ones(3, 20, 30), global_step=2)
+    figures.tensorboard_grid(tmp_path / "run", tmp_path / "grid.png")
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (30, 20) and grid.convert("L").getextrema() == (255, 255)  # the last one logged
+    figures.demo_frames(tmp_path / "frames.h5", n=1)
+    with h5py.File(tmp_path / "frames.h5") as f:
+        assert f["frames"].shape == (1, 256, 384) and f["frames"][0].max() > 250  # depth in mm, as predict reads
+    with pytest.raises(SystemExit, match="no val/predictions image"):
+        figures.tensorboard_grid(tmp_path / "frames-only", tmp_path / "none.png")
