@@ -12,10 +12,9 @@ import time
 
 import pytest
 
-from glint_lightning.runs.run_lock import LOCK_NAME, RunDirLocked, RunLock
+from glint_lightning.runs.run_lock import LOCK_NAME, RunDirLocked, RunLock, try_lock
 from glint_lightning.train import train
 from glint_lightning.utils.errors import GlintError
-from glint_lightning.utils.flock import try_lock
 from tests.helpers import REPO, TINY, run_cli
 
 

@@ -1,16 +1,17 @@
 """One writer per run dir: two `train`s on one dir would overwrite each other's last.ckpt, and one would delete the
 other's half-written checkpoint as a stale temporary.
 
-`train` holds an exclusive `flock` on `<run dir>/train.lock` (glint_lightning.utils.flock), which the kernel releases
-when the process ends, however it ends; the file names the holder (pid, host, start time) for the refusal, and is
-removed when the run ends. A second `train` stops with one line naming the holder. A file left by a killed run is
-taken over with a note. A lock held on a shared file system by a node that died stays until the file server drops
-it, so a refusal naming another host says which file to delete; a requeued SLURM job does that itself for its own
-earlier run (SLURM ends a job's processes before it starts the job again).
+`train` holds an exclusive `fcntl.flock` on `<run dir>/train.lock`, which the kernel releases when the process ends,
+however it ends (`kill -9` included), so a crash leaves no lock behind; the file names the holder (pid, host, start
+time) for the refusal, and is removed when the run ends. A second `train` stops with one line naming the holder; a
+file left by a killed run is taken over with a note. A lock held on a shared file system by a node that died stays
+until the file server drops it, so a refusal naming another host says which file to delete; a requeued SLURM job
+does that itself for its own earlier run (SLURM ends a job's processes before it starts the job again).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -21,7 +22,6 @@ from typing import Any, BinaryIO
 
 from glint_lightning.runs import slurm
 from glint_lightning.utils.errors import GlintError
-from glint_lightning.utils.flock import try_lock
 from glint_lightning.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -31,6 +31,33 @@ LOCK_NAME = "train.lock"
 
 class RunDirLocked(GlintError):
     """Another live process trains in this run dir."""
+
+
+def try_lock(path: Path) -> BinaryIO | None:
+    """Open (creating it) and exclusively lock `path` without waiting: the open file, which holds the lock until it is
+    closed or the process ends, or None when another open file holds it (also one of this process: a lock belongs
+    to the open file). The content is left as it is. Raises OSError where the file system has no locks."""
+    while True:
+        f = open(path, "a+b")  # noqa: SIM115 (returned open: it holds the lock)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return None
+        except OSError:
+            f.close()
+            raise
+        if _same_file(f, path):
+            return f
+        f.close()  # the holder removed the path between our open and our lock: lock the new file
+
+
+def _same_file(f: BinaryIO, path: Path) -> bool:
+    """Whether the open file is still the one at `path` (not removed or replaced since it was opened)."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(f.fileno()))
+    except FileNotFoundError:
+        return False
 
 
 def _me() -> dict[str, Any]:
@@ -138,9 +165,7 @@ class RunLock:
         if f is None:
             return
         try:
-            if os.path.samestat(os.stat(self.path), os.fstat(f.fileno())):
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
+            if _same_file(f, self.path):
+                self.path.unlink(missing_ok=True)
         finally:
             f.close()
