@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from glint_lightning.utils.config_dir import CONFIG_DIR
-from tests.helpers import EXACT, TINY, TINY_MODEL
+from tests.helpers import EXACT, REPO, TINY, TINY_MODEL
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -91,6 +93,18 @@ def exact_straight(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) ->
     (after a signal, a crash or a stop at an epoch's end) must reproduce."""
     run = train_once(tmp_path_factory, cache_dir, "straight", *EXACT)
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="session")
+def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The package as a user gets it, built once a session: `pip wheel .` then `pip install --no-deps --target`;
+    returns that site folder (put it on PYTHONPATH to run the installed package instead of the checkout)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(REPO)], check=True)
+    (wheel,) = tmp.glob("glint_lightning-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp / "site"), str(wheel)], check=True)
+    return tmp / "site"
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -40,14 +41,24 @@ OPTIONS = {  # options each --help must name
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`pip wheel .` then `pip install --no-deps --target`: the package as a user gets it, not the checkout."""
-    tmp = tmp_path_factory.mktemp("wheel")
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(REPO)], check=True)
-    (wheel,) = tmp.glob("glint_lightning-*.whl")
-    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp / "site"), str(wheel)], check=True)
-    return tmp / "site"
+def installed(installed_wheel: Path) -> Path:
+    """The session's wheel, installed into a folder of its own (conftest's installed_wheel)."""
+    return installed_wheel
+
+
+@pytest.fixture(scope="module")
+def helps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, list[str]]]:
+    """`<script> --help` for every console script, a few at a time (each is a process of its own, mostly imports);
+    with what each left behind in its empty working folder."""
+
+    def answer(script: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        cwd = tmp_path_factory.mktemp(script)
+        exe = Path(sys.executable).parent / script
+        res = subprocess.run([str(exe), "--help"], cwd=cwd, capture_output=True, text=True, timeout=300)
+        return res, sorted(p.name for p in cwd.iterdir())
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(ENTRY_POINTS, pool.map(answer, ENTRY_POINTS)))
 
 
 def _run(site: Path, args: list[str], cwd: Path, cache_dir: Path) -> subprocess.CompletedProcess:
@@ -68,37 +79,42 @@ def test_the_wheel_carries_the_repos_configs(installed):
 
 @pytest.mark.slow
 def test_installed_package_works_from_an_empty_folder(installed, tmp_path, cache_dir):
-    """What a lab does after `pip install`: train (debug=default), eval, predict and export, outside the checkout."""
-    py = [sys.executable, "-c", "import glint_lightning; print(glint_lightning.__file__)"]
-    assert _run(installed, py, tmp_path, cache_dir).stdout.strip().startswith(str(installed)), "not the checkout"
-    job = _run(installed, [sys.executable, "-m", "glint_lightning.train", "--cfg", "job"], tmp_path, cache_dir)
-    assert job.returncode == 0, job.stderr[-2000:]
-    assert "_target_: glint_lightning.models.UNet" in job.stdout
+    """What a lab does after `pip install`: train (debug=default), eval, predict and export, outside the checkout.
+    Commands that do not need each other's files run side by side (each is mostly its imports)."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return _run(installed, [sys.executable, *args], tmp_path, cache_dir)
 
     def glint(module: str, *args: str) -> subprocess.CompletedProcess:
-        res = _run(installed, [sys.executable, "-m", f"glint_lightning.{module}", *args], tmp_path, cache_dir)
+        res = run("-m", f"glint_lightning.{module}", *args)
         assert res.returncode == 0, f"{module}: {res.stderr[-3000:]}"
         return res
 
-    res = glint("train", "debug=default", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run")
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file() and "best checkpoint:" in res.stdout
-    assert "scored:" in glint("eval", f"ckpt_path={ckpt}", "split=val", "out=eval").stdout
     with h5py.File(tmp_path / "frames.h5", "w") as f:
         f["frames"] = np.full((1, 40, 56), 1000.0, np.float32)
-    glint("predict", f"ckpt_path={ckpt}", "input=frames.h5", "output=masks.h5")
-    assert "max abs diff" in glint("export", f"ckpt_path={ckpt}", "format=torchscript", "out=model.pt").stdout
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        where = pool.submit(run, "-c", "import glint_lightning; print(glint_lightning.__file__)")
+        job = pool.submit(glint, "train", "--cfg", "job")
+        trained = pool.submit(glint, "train", "debug=default", *TINY, "trainer.max_epochs=1", "hydra.run.dir=run")
+        assert where.result().stdout.strip().startswith(str(installed)), "not the checkout"
+        assert "_target_: glint_lightning.models.UNet" in job.result().stdout
+        ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        assert "best checkpoint:" in trained.result().stdout and ckpt.is_file()
+        scored = pool.submit(glint, "eval", f"ckpt_path={ckpt}", "split=val", "out=eval")
+        predicted = pool.submit(glint, "predict", f"ckpt_path={ckpt}", "input=frames.h5", "output=masks.h5")
+        exported = pool.submit(glint, "export", f"ckpt_path={ckpt}", "format=torchscript", "out=model.pt")
+        assert "scored:" in scored.result().stdout
+        predicted.result()
+        assert "max abs diff" in exported.result().stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "frames.h5", "masks.h5", "model.pt", "run"]
 
 
 @pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
-def test_every_entry_point_answers_help(script, tmp_path, cache_dir):
+def test_every_entry_point_answers_help(script, helps):
     """Each console script (installed by `make`): --help exits 0 and names options (the `python -m` twins are
     tested in test_tool_clis and test_cli)."""
-    exe = Path(sys.executable).parent / script
-    for args in ([str(exe), "--help"],):
-        res = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr[-2000:]
-        missing = [name for name in OPTIONS[script] if name not in res.stdout]
-        assert not missing, f"{args}: --help does not name {missing}:\n{res.stdout}"
-    assert list(tmp_path.iterdir()) == [], "--help leaves nothing behind"
+    res, left = helps[script]
+    assert res.returncode == 0, res.stderr[-2000:]
+    missing = [name for name in OPTIONS[script] if name not in res.stdout]
+    assert not missing, f"{script} --help does not name {missing}:\n{res.stdout}"
+    assert left == [], "--help leaves nothing behind"
