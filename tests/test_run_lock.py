@@ -56,24 +56,42 @@ def test_a_lock_from_another_host_names_the_file_to_delete(tmp_path):
         RunLock(tmp_path).acquire()
 
 
-def test_a_killed_trains_lock_is_free_at_once(tmp_path, glint_log):
-    code = "import sys; from glint_lightning.runs.run_lock import RunLock; held = RunLock(sys.argv[1]); held.acquire()"
-    code += "; input()"  # held until killed
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE, cwd=REPO)
+HOLDER = """
+import os, sys, time
+from glint_lightning.runs.run_lock import RunLock
+held = RunLock(sys.argv[1])
+held.acquire()
+worker = os.fork()  # as a DataLoader worker: it outlives a killed train for a few seconds
+if worker == 0:
+    time.sleep(120)
+    os._exit(0)
+open(sys.argv[2], "w").write(str(worker))
+input()
+"""
+
+
+def test_a_killed_trains_lock_is_free_at_once_also_while_its_worker_lives(tmp_path, glint_log):
+    run_dir, worker_pid = tmp_path / "run", tmp_path / "worker.pid"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir), str(worker_pid)], stdin=subprocess.PIPE, cwd=REPO
+    )
     try:
         end = time.monotonic() + 60
-        while not (tmp_path / LOCK_NAME).is_file() or not (tmp_path / LOCK_NAME).read_text():
+        while not worker_pid.is_file() or not worker_pid.read_text():
             assert holder.poll() is None and time.monotonic() < end
             time.sleep(0.05)
         with pytest.raises(RunDirLocked, match=rf"\(pid {holder.pid} on "):
-            RunLock(tmp_path).acquire()
-    finally:
+            RunLock(run_dir).acquire()
         holder.send_signal(signal.SIGKILL)  # no cleanup runs: the kernel drops the lock
         holder.wait()
-    with RunLock(tmp_path) as lock:
-        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    assert f"note: {tmp_path / LOCK_NAME}: took over the lock (pid {holder.pid} is no longer running)" in glint_log()
-    assert not list(tmp_path.iterdir())
+        with RunLock(run_dir) as lock:
+            assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    finally:
+        holder.kill()
+        if worker_pid.is_file() and worker_pid.read_text():
+            os.kill(int(worker_pid.read_text()), signal.SIGKILL)
+    assert f"note: {run_dir / LOCK_NAME}: took over the lock (pid {holder.pid} is no longer running)" in glint_log()
+    assert not list(run_dir.iterdir())
 
 
 @pytest.mark.parametrize("left", ["record of a live pid", "torn"])

@@ -27,6 +27,20 @@ from glint_lightning.utils.log import get_logger
 log = get_logger(__name__)
 
 LOCK_NAME = "train.lock"
+_HELD: list[BinaryIO] = []  # the locks this process holds
+
+
+def _drop_in_child() -> None:
+    """In a forked child (a DataLoader worker): point the inherited lock descriptors at /dev/null, so a killed train's
+    lock ends with it, not seconds later with its workers. Not closed, nor unlocked (that would unlock the parent)."""
+    null = os.open(os.devnull, os.O_RDONLY)
+    for f in _HELD:
+        os.dup2(null, f.fileno())
+    os.close(null)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
 
 
 class RunDirLocked(GlintError):
@@ -149,6 +163,7 @@ class RunLock:
         f.flush()
         os.fsync(f.fileno())
         self._file = f
+        _HELD.append(f)
 
     def _refusal(self, owner: dict[str, Any]) -> str:
         who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}" if owner else "unnamed"
@@ -164,6 +179,7 @@ class RunLock:
         f, self._file = self._file, None
         if f is None:
             return
+        _HELD.remove(f)
         try:
             if _same_file(f, self.path):
                 self.path.unlink(missing_ok=True)
