@@ -69,7 +69,7 @@ def test_training_resumes_to_the_end_after_repeated_sigkills(tmp_path, cache_dir
     rng, env = random.Random(seed), {"GLINT_CACHE_DIR": str(cache_dir)}
     ckpts = tmp_path / "outputs/run/checkpoints"
     last, steps, mid_save_kills = ckpts / "last.ckpt", [0], 0
-    for kill in range(6):
+    for kill in range(4):  # two kills at random moments, two in the middle of a save
         aim_at_save = kill % 2 == 1
         proc = _start("tests.slow_saves" if aim_at_save else "glint_lightning.train", tmp_path, env, last.exists())
         before = _mtime(last)
@@ -90,7 +90,7 @@ def test_training_resumes_to_the_end_after_repeated_sigkills(tmp_path, cache_dir
         steps.append(_global_step(last))
         assert steps[-1] >= steps[-2], f"seed {seed}: last.ckpt went back: steps {steps}"
     assert steps[-1] < EPOCHS * STEPS_PER_EPOCH, f"seed {seed}: the kills came too late to test anything"
-    assert mid_save_kills == 3
+    assert mid_save_kills == 2
 
     proc = _start("glint_lightning.train", tmp_path, env, resume=True)
     _, err = proc.communicate(timeout=300)
