@@ -192,10 +192,15 @@ class Selection:
 
 def calibrate_threshold(module: nn.Module, loader: DataLoader, device: torch.device | str) -> tuple[float, float]:
     """The threshold in (0, 1) that maximises pixel F1 over the valid pixels of `loader`, and that F1."""
-    curve = BinaryPrecisionRecallCurve(thresholds=torch.linspace(0.02, 0.98, 49), sync_on_compute=False)  # rank 0 alone
+    curve = _f1_curve()
     for prob, mask, valid in predict_loader(module, loader, device):
         curve.update(prob[valid], mask[valid].int())
     return _best_f1(curve)
+
+
+def _f1_curve() -> BinaryPrecisionRecallCurve:
+    """Precision and recall at the THRESHOLDS grid, on this rank alone (calibration runs on rank 0)."""
+    return BinaryPrecisionRecallCurve(thresholds=torch.linspace(0.02, 0.98, 49), sync_on_compute=False)
 
 
 def _best_f1(curve: BinaryPrecisionRecallCurve) -> tuple[float, float]:
@@ -226,7 +231,7 @@ def calibrate_postprocess(
     post-processing (min_size, fill_holes) maximising `metric` (iou or object_f1). Post-processing is kept only
     when it beats none; then its threshold is stored, else the F1 one (for iou, the same up to ties)."""
     check_optimized_metric(metric)
-    curve = BinaryPrecisionRecallCurve(thresholds=torch.linspace(0.02, 0.98, 49), sync_on_compute=False)
+    curve = _f1_curve()
     search = PostprocessSearch(iou_threshold=iou_threshold)
     for prob, mask, valid in predict_loader(module, loader, device):
         curve.update(prob[valid], mask[valid].int())
