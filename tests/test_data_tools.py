@@ -70,6 +70,7 @@ def test_check_fails_with_one_line_per_problem(tmp_path, capsys, setup, message)
     assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
 
 
+@pytest.mark.slow
 def test_check_command_line_fails_with_one_line(tmp_path):
     path = tmp_path / "t.h5"
     path.write_text("x")
@@ -96,6 +97,7 @@ def _args(**kw):
         return OmegaConf.merge(compose("convert"), kw)
 
 
+@pytest.mark.slow
 def test_convert_check_train_round_trip(tmp_path, make_cfg):
     frames, masks = _recordings(tmp_path / "rec.h5")
     res = run_cli(

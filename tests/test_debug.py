@@ -76,6 +76,7 @@ def test_debug_fdr_runs_one_batch_and_saves_no_checkpoints(make_cfg, capsys):
     assert "best checkpoint:  (" not in out["stdout"]
 
 
+@pytest.mark.slow
 def test_debug_overfit_trains_on_the_same_few_batches(make_cfg, capsys):
     run, out = _train(make_cfg, capsys, "overfit", "trainer.max_epochs=2", "test=false")
     assert out["epochs"] == 2 and out["global_step"] == 4, "2 batches an epoch"
@@ -86,6 +87,7 @@ def test_debug_overfit_trains_on_the_same_few_batches(make_cfg, capsys):
     assert len(losses) == 2 and losses[1] < losses[0], out["stdout"]
 
 
+@pytest.mark.slow
 def test_debug_profiler_writes_its_report_into_the_run_dir(make_cfg, capsys):
     run, _ = _train(make_cfg, capsys, "profiler", "test=false")
     report = (run / "fit-profile.txt").read_text()

@@ -49,6 +49,7 @@ def test_cached_demo_generates_once(tmp_path):
     assert demo_folder(tmp_path, 8, 4, 4, 32, 1) != folder
 
 
+@pytest.mark.slow
 def test_make_demo_cli(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     res = run_cli(

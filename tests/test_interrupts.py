@@ -14,6 +14,8 @@ from tests.helpers import EXACT, Crash
 # 48 training tiles in batches of 8: 6 steps an epoch. Each interrupted and resumed run must end with the weights of
 # the same settings (EXACT) trained straight through: the session's `exact_straight`.
 
+pytestmark = pytest.mark.slow  # each test trains and resumes (seconds each)
+
 
 @pytest.fixture(autouse=True)
 def trust_test_callbacks(monkeypatch):

@@ -67,6 +67,7 @@ def _run(site: Path, args: list[str], cwd: Path, cache_dir: Path) -> subprocess.
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_repos_configs(installed):
     packaged = sorted(p.relative_to(installed / "glint_lightning" / "conf") for p in installed.rglob("conf/**/*.yaml"))
     assert packaged == sorted(p.relative_to(REPO / "conf") for p in (REPO / "conf").rglob("*.yaml"))
@@ -109,6 +110,7 @@ def test_installed_package_works_from_an_empty_folder(installed, tmp_path, cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval", "frames.h5", "masks.h5", "model.pt", "run"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", sorted(ENTRY_POINTS))
 def test_every_entry_point_answers_help(script, helps):
     """Each console script (installed by `make`): --help exits 0 and names options (the `python -m` twins are

@@ -6,12 +6,14 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from glint_lightning.runs.provenance import file_fingerprint
 from glint_lightning.train import train
 from tests.helpers import REPO
 
 
+@pytest.mark.slow
 def test_mlflow_logger_records_params_and_metrics_locally(make_cfg, tmp_path):
     import mlflow
 

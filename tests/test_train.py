@@ -117,6 +117,7 @@ def _weights(path):
     return torch.load(path, weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 def test_resume_is_exact(make_cfg, tmp_path, capsys, glint_log, exact_straight):
     """One epoch, then a second in a resumed run, ends with the weights of the two epochs trained straight."""
     train(make_cfg(*EXACT, "trainer.max_epochs=1", run="split"))
@@ -139,6 +140,7 @@ def _copy_of(ckpt, run_dir):
     return Path(shutil.copy(ckpt, run_dir / "checkpoints" / "last.ckpt"))
 
 
+@pytest.mark.slow
 def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg, tmp_path, trained_ckpt, glint_log):
     first_last = _copy_of(trained_ckpt, tmp_path / "first")
     before = first_last.read_bytes()
@@ -148,6 +150,7 @@ def test_last_resolves_to_newest_run_under_outputs_when_run_dir_is_new(make_cfg,
     assert first_last.read_bytes() == before, "the earlier run's checkpoint is left alone"
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_model_config(make_cfg, tmp_path, trained_ckpt):
     _copy_of(trained_ckpt, tmp_path / "run")
     with pytest.raises(GlintError, match=r"model\.base_channels: 4 -> 8"):
@@ -163,6 +166,7 @@ def _best_state(ckpt):
     return next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint") and "'val/iou'" in k)
 
 
+@pytest.mark.slow
 def test_optimizer_state_off_shrinks_checkpoints_and_resumes_partially(make_cfg, tmp_path, recwarn):
     common = [*SHORT, "trainer.max_epochs=1", "model.base_channels=8"]
     train(make_cfg(*common, run="full"))
@@ -216,6 +220,7 @@ def _fresh_schedule_lrs(cfg, epochs):
     return lrs, optimizer.param_groups[0]["lr"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "variant, line",
     [
@@ -246,6 +251,7 @@ def test_training_longer_continues_the_schedule_for_the_new_length(
         assert final == pytest.approx(1e-6), "the cosine ends at eta_min, not back at the full learning rate"
 
 
+@pytest.mark.slow
 def test_resume_names_other_differences_and_applies_them(make_cfg, tmp_path, capsys, glint_log):
     train(make_cfg(*SHORT, "trainer.max_epochs=1"))
     capsys.readouterr()
@@ -305,6 +311,7 @@ def test_a_network_that_breaks_the_contract_is_refused_before_training(make_cfg,
     assert not (tmp_path / "run" / "train.lock").exists(), "the run dir's lock is released on errors"
 
 
+@pytest.mark.slow
 def test_training_longer_after_an_unfreeze_keeps_the_unfrozen_parts_group(make_cfg, tmp_path, capsys, glint_log):
     common = [*SHORT, "callbacks.freeze.parts=[inc]", "callbacks.freeze.unfreeze_at_epoch=1"]
     train(make_cfg(*common, "trainer.max_epochs=2"))
@@ -314,6 +321,7 @@ def test_training_longer_after_an_unfreeze_keeps_the_unfrozen_parts_group(make_c
     assert [g.get("name") for g in groups["param_groups"]] == [None, "inc"]
 
 
+@pytest.mark.slow
 def test_resume_with_another_optimizer_starts_its_state_fresh(make_cfg, tmp_path, capsys, glint_log):
     train(make_cfg(*SHORT, "trainer.max_epochs=1"))
     capsys.readouterr()

@@ -133,6 +133,7 @@ def test_a_user_network_without_forward_padded_exports(tmp_path, monkeypatch, fm
         assert type(load_module(r["out"]).model).__name__ == "PooledNet"
 
 
+@pytest.mark.slow
 def test_a_network_without_stride_exports_through_the_cli_once_trusted(tmp_path):
     pytest.importorskip("onnxruntime")
     ckpt = _checkpoint(tmp_path / "plain.ckpt", f"{HERE}.PlainNet")
