@@ -252,3 +252,19 @@ def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path, cache_dir):
     jobs = sorted((tmp_path / "outputs/multirun").glob("*/*/[0-9]"))
     assert [json.loads((j / "metrics.json").read_text())["best_score"] is not None for j in jobs] == [True, True]
     assert "Joblib.Parallel(n_jobs=2" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_an_optuna_trial_trains_with_ddp_and_both_ranks_stop_when_pruned(tmp_path, cache_dir):
+    ddp = [a for a in TINY if not a.startswith(("trainer.devices", "trainer.accelerator"))]
+    ddp += ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "test=false"]
+    params = 'hydra.sweeper.params={optimizer.lr: "interval(1e-3, 1e-2)"}'
+    args = ["hparams_search=optuna", "hydra.sweeper.n_trials=1", params, *ALWAYS_PRUNE, *ddp]
+    res = run_cli("glint_lightning.train", *args, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)}, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]  # a rank that did not stop would hang the other one
+    study = optuna.load_study(study_name="glint", storage=f"sqlite:///{tmp_path}/outputs/optuna/glint.db")
+    assert [t.state for t in study.trials] == [TrialState.PRUNED], "rank 1 ran the trial, not the sweep again"
+    (job,) = (tmp_path / "outputs/multirun").glob("*/*/0")
+    summary = json.loads((job / "metrics.json").read_text())
+    assert (summary["pruned_at_epoch"], summary["epochs"]) == (0, 1)
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["multirun", "optuna"], "no stray run dir"

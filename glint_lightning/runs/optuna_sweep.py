@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -320,14 +321,29 @@ class StudySweep:
             trial.set_user_attr(JOB_NUM_ATTR, first + i)
             trial.set_user_attr(FIXED_ATTR, fixed)
         log.info("Trials " + ", ".join(f"{t.number}: {t.params}" for t in trials))
+        overrides = [self.trial_overrides(t, fixed) for t in trials]
         try:
-            returns = self.launcher.launch([self.trial_overrides(t, fixed) for t in trials], initial_job_idx=first)
+            if type(self.launcher).__name__ == "BasicLauncher":  # in this process, one job after the other
+                returns = [self.launch_here(o, first + i) for i, o in enumerate(overrides)]
+            else:
+                returns = self.launcher.launch(overrides, initial_job_idx=first)
         except BaseException:  # the launch itself is stopped (Ctrl-C, SIGTERM): not the trials' fault
             for trial in trials:
                 self.cut_short(study, trial, "was interrupted with its launch")
             raise
         for trial, ret in zip(trials, returns, strict=True):
             self.tell(study, trial, ret)
+
+    def launch_here(self, overrides: list[str], job_num: int) -> Any:
+        """One job in this process, with sys.argv the job's own command line while it runs: Lightning's DDP starts
+        the other ranks by running sys.argv again, which must train this trial, not start the sweep anew."""
+        run_dir = f"hydra.run.dir={override_value(str(self.sweep_dir / str(job_num)))}"  # what Lightning passes on
+        argv = sys.argv
+        sys.argv = [argv[0], *overrides, "hydra.mode=RUN"]
+        try:
+            return self.launcher.launch([[*overrides, run_dir]], initial_job_idx=job_num)[0]
+        finally:
+            sys.argv = argv
 
     def tell(self, study: optuna.Study, trial: optuna.trial.Trial, ret: Any) -> None:
         """COMPLETE with the job's return value; PRUNED when its pruning callback stopped it; FAIL when it raised or
