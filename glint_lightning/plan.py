@@ -28,6 +28,7 @@ from glint_lightning.runs.planning import (
     FIT_START_S,
     LIGHTNING_STEP_OVERHEAD,
     MIN_TILES,
+    STEPS_PER_CHANNEL,
     TARGET,
     TEST_OVERHEAD,
     Budget,
@@ -249,7 +250,11 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
         Choice("data.augment.rot90", True, "as hflip"),
         Choice("data.augment.depth_noise", 0.0, "the sensor's own noise is in the tiles; none added"),
         depth,
-        Choice("model.base_channels", base, f"widest that gets {32 * base} steps in the budget (timed: {speeds})"),
+        Choice(
+            "model.base_channels",
+            base,
+            f"widest that gets {STEPS_PER_CHANNEL * base} steps in the budget (timed: {speeds})",
+        ),
         Choice(
             "channels_last",
             channels_last,

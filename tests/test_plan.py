@@ -17,7 +17,15 @@ from scipy import ndimage
 import glint_lightning.plan as plan_app
 from glint_lightning.data import GlintDataModule
 from glint_lightning.data.fingerprint import fingerprint
-from glint_lightning.runs.planning import Budget, choose_batch, choose_depth, receptive_field, solve_budget
+from glint_lightning.runs.planning import (
+    STEPS_PER_CHANNEL,
+    Budget,
+    choose_batch,
+    choose_depth,
+    choose_width,
+    receptive_field,
+    solve_budget,
+)
 from glint_lightning.runs.step_timing import StepTiming, resolve_device, time_steps
 from glint_lightning.train import train
 from glint_lightning.utils.config_dir import CONFIG_DIR
@@ -143,6 +151,16 @@ def test_batch_rule_prefers_small_batches_while_the_device_is_busy() -> None:
     assert choose_batch(t).batch_size == 8  # 80 vs 91 tiles/s: within 80 %
     t = [StepTiming(16, b, False, False, s, 0.0) for b, s in ((8, 0.10), (32, 0.10))]
     assert choose_batch(t).batch_size == 32  # a GPU-like device: 4x the tiles in the same time
+
+
+def test_width_rule_takes_the_widest_network_that_gets_enough_steps() -> None:
+    def widths(steps: dict[int, int]) -> dict:
+        t = StepTiming(0, 8, False, False, 0.1, 0.0)
+        return {w: (t, Budget(60, 0, 0, 0.1, 0, 0, 0, steps=n)) for w, n in steps.items()}
+
+    assert choose_width(widths({8: 900, 16: STEPS_PER_CHANNEL * 16, 32: 300})) == 16
+    assert choose_width(widths({8: 900, 16: STEPS_PER_CHANNEL * 16 - 1})) == 8
+    assert choose_width(widths({8: 50, 16: 60})) == 8  # none gets enough: the most steps for its width
 
 
 def test_budget_is_filled_and_a_budget_without_room_for_an_epoch_is_refused() -> None:
