@@ -46,7 +46,8 @@ def test_a_live_process_on_this_host_keeps_its_lock(tmp_path):
     who = rf"\(pid {os.getppid()} on {socket.gethostname()}, started then\); wait"
     with _hold(tmp_path, pid=os.getppid()), pytest.raises(GlintError, match=who):
         RunLock(tmp_path).acquire()
-    with _hold(tmp_path, record=" "), pytest.raises(GlintError, match=r"run dir \(unnamed\); wait for it .*dir$"):
+    unnamed = rf"run dir \({LOCK_NAME} names no process\); wait for it .*dir$"
+    with _hold(tmp_path, record=" "), pytest.raises(GlintError, match=unnamed):
         RunLock(tmp_path, patience_s=0.1).acquire()  # locked, never named (hung between its lock and its write)
 
 

@@ -166,7 +166,8 @@ class RunLock:
         _HELD.append(f)
 
     def _refusal(self, owner: dict[str, Any]) -> str:
-        who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}" if owner else "unnamed"
+        who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+        who = who if owner else f"{self.path.name} names no process"
         elsewhere = bool(owner) and owner.get("host") != socket.gethostname()
         tail = f"; if it is no longer running, delete {self.path}" if elsewhere else ""
         return (
