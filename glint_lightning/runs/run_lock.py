@@ -74,17 +74,6 @@ def _same_file(f: BinaryIO, path: Path) -> bool:
         return False
 
 
-def _me() -> dict[str, Any]:
-    return {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "argv": sys.argv[1:],
-        "slurm_job": slurm.job_key(),
-        "slurm_restart": slurm.restart_count(),
-    }
-
-
 def earlier_run_of_this_job(owner: dict[str, Any]) -> bool:
     """Whether `owner` is an earlier run of this requeued SLURM job (ended by SLURM, wherever its lock still is)."""
     job = owner.get("slurm_job")
@@ -98,13 +87,6 @@ def _parse(text: bytes) -> dict[str, Any] | None:
     except ValueError:
         return None
     return owner if isinstance(owner, dict) else None
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        return _parse(path.read_bytes())
-    except OSError:
-        return None
 
 
 class RunLock:
@@ -138,8 +120,11 @@ class RunLock:
             if f is not None:
                 self._hold(f, existed)
                 return
-            owner = _read(self.path)
-            if owner is None:  # the holder is between its lock and its write, or just ended
+            try:
+                owner = _parse(self.path.read_bytes())
+            except FileNotFoundError:  # its holder just ended
+                continue
+            if owner is None:  # the holder is between its lock and its write
                 unnamed_since = unnamed_since or time.monotonic()
                 if time.monotonic() - unnamed_since < self.patience_s:
                     time.sleep(0.05)
@@ -158,8 +143,10 @@ class RunLock:
             owner = _parse(left)
             why = f"pid {owner.get('pid')} is no longer running" if owner else "an unreadable lock file"
             log.warning(f"note: {self.path}: took over the lock ({why})")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        me.update(argv=sys.argv[1:], slurm_job=slurm.job_key(), slurm_restart=slurm.restart_count())
         f.truncate(0)
-        f.write(json.dumps(_me()).encode())
+        f.write(json.dumps(me).encode())
         f.flush()
         os.fsync(f.fileno())
         self._file = f
