@@ -19,7 +19,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from glint_lightning.report import write_report
-from glint_lightning.runs.optuna_sweep import CUT_SHORT_ATTR, LAUNCH_ATTR, distribution, search_space
+from glint_lightning.runs.optuna_sweep import CUT_SHORT_ATTR, LAUNCH_ATTR, StudySweep, distribution, search_space
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.optuna_storage import STUDY_POINTER, make_pruner, open_storage, storage_url
@@ -74,6 +74,18 @@ def test_storage_specs_name_optuna_storages_and_pruners_by_name(tmp_path):
     assert isinstance(make_pruner("successive_halving"), optuna.pruners.SuccessiveHalvingPruner)
     with pytest.raises(GlintError, match="hydra.sweeper.pruner=medain: no such Optuna pruner"):
         make_pruner("medain")
+
+
+def test_a_study_started_with_another_direction_or_a_pruner_without_storage_is_refused_in_one_line(tmp_path):
+    db = str(tmp_path / "s.db")
+    optuna.create_study(study_name="s", storage=open_storage(db), direction="minimize")
+    with pytest.raises(GlintError, match=r"study s was started with direction \['minimize'\], not \['maximize'\]"):
+        StudySweep(study_name="s", storage=db, direction="maximize").open_study()
+    assert StudySweep(study_name="s", storage=db, direction="minimize").open_study().directions == [
+        optuna.study.StudyDirection.MINIMIZE
+    ]
+    with pytest.raises(GlintError, match="hydra.sweeper.pruner=median needs a study the trials can reach"):
+        StudySweep(study_name="s", storage=None, pruner="median").open_study()
 
 
 @pytest.mark.parametrize(
