@@ -56,8 +56,8 @@ class TaskSweep:
         (tmp_path / "task.yaml").write_text(yaml.safe_dump(config))
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
-    def popen(self) -> subprocess.Popen:
-        args = ["--config-dir", str(self.root), "-m", "hydra.sweeper.params={x: 'interval(0, 1)'}"]
+    def popen(self, *overrides: str) -> subprocess.Popen:
+        args = ["--config-dir", str(self.root), "-m", "hydra.sweeper.params={x: 'interval(0, 1)'}", *overrides]
         return subprocess.Popen(
             [sys.executable, "-m", "tests.optuna_task", *args],
             cwd=self.root,
@@ -68,8 +68,8 @@ class TaskSweep:
             start_new_session=True,
         )
 
-    def run(self) -> str:
-        proc = self.popen()
+    def run(self, *overrides: str) -> str:
+        proc = self.popen(*overrides)
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out[-3000:]
         return out

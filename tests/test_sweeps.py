@@ -202,6 +202,17 @@ def test_a_trial_that_fails_by_itself_counts_and_is_not_run_again(tmp_path):
     assert not any(t.user_attrs.get(CUT_SHORT_ATTR) for t in trials)
 
 
+def test_a_batch_of_trials_runs_in_parallel_through_the_configured_launcher(tmp_path):
+    sweep = TaskSweep(tmp_path, n_trials=4)
+    log = sweep.run("hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "hydra.sweeper.n_jobs=2")
+    assert "Joblib.Parallel(n_jobs=2" in log
+    trials = sweep.trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert [t.user_attrs["hydra_job_num"] for t in trials] == [0, 1, 2, 3], "job folders numbered by trial"
+    pids = {path.name.split("_")[2] for path in sweep.out.glob("started_*")}
+    assert len(pids) == 2, "two worker processes ran the 4 trials, in batches of 2"
+
+
 @pytest.mark.slow
 def test_two_launches_at_once_share_one_study_and_stop_together_at_n_trials(tmp_path):
     sweep = TaskSweep(tmp_path, n_trials=4)
