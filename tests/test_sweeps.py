@@ -140,7 +140,6 @@ def _wait_for(condition, *procs: subprocess.Popen, timeout: float = 120) -> None
         time.sleep(0.05)
 
 
-@pytest.mark.slow
 def test_a_sweep_killed_in_its_second_trial_ends_with_all_its_trials_complete_on_relaunch(tmp_path):
     sweep = TaskSweep(tmp_path, n_trials=3)
     (sweep.out / "hold_1").touch()  # trial 1 waits: the launch is killed in it
@@ -213,7 +212,6 @@ def test_a_batch_of_trials_runs_in_parallel_through_the_configured_launcher(tmp_
     assert len(pids) == 2, "two worker processes ran the 4 trials, in batches of 2"
 
 
-@pytest.mark.slow
 def test_two_launches_at_once_share_one_study_and_stop_together_at_n_trials(tmp_path):
     sweep = TaskSweep(tmp_path, n_trials=4)
     for job in (0, 1):

@@ -196,6 +196,7 @@ class StudySweep:
         return study
 
     def _launches(self, study: optuna.Study) -> dict[str, dict[str, Any]]:
+        """Every launch of the study by id: host, pid and last heartbeat (study user attrs, seen by the dashboard)."""
         prefix = f"{LAUNCH_ATTR}:"
         return {k.removeprefix(prefix): v for k, v in study.user_attrs.items() if k.startswith(prefix)}
 
@@ -225,6 +226,7 @@ class StudySweep:
             thread.join()
 
     def trial_id(self, number: int) -> int:
+        """The storage's id of trial `number` (to set attributes of a trial this launch holds no Trial object of)."""
         return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
 
     def cut_short(self, study: optuna.Study, trial: FrozenTrial | optuna.trial.Trial, why: str) -> None:
@@ -267,6 +269,8 @@ class StudySweep:
     # --- the sweep -----------------------------------------------------------------------------------------------
 
     def sweep(self, arguments: list[str]) -> None:
+        """Run batches of trials until the study holds n_trials (over all launches); `arguments` are the command
+        line's overrides: its sweeps join the search space, the rest go to every trial."""
         assert self.launcher is not None and self.config is not None and self.sweep_dir is not None
         with exit_on_user_error():  # one line and exit 2 (Hydra would print a traceback)
             space, fixed = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
