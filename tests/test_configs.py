@@ -43,7 +43,14 @@ def test_every_group_is_covered():
     assert {"data", "model", "loss", "optimizer", "scheduler", "callbacks", "trainer", "logger"} <= groups
 
 
-@pytest.mark.parametrize(("group", "option"), _options(), ids=lambda v: str(v))
+SLOW = {("logger", "mlflow")}  # its client creates and migrates an SQLite store (seconds); test_tracking uses it too
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [pytest.param(g, o, marks=pytest.mark.slow) if (g, o) in SLOW else (g, o) for g, o in _options()],
+    ids=lambda v: str(v),
+)
 def test_option_composes_and_builds(group, option, tmp_path):
     if group in OVERLAYS:
         cfg = _compose(tmp_path, f"{group}={option}")
