@@ -129,7 +129,7 @@ def _rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str], dict[str, A
         title = [f"# Optuna study {pointer['study_name']} ({pointer['storage']})", ""]
         title += [f"{len(rows)} trials, launched in {len(sweeps)} sweep folder(s): {', '.join(sweeps)}", ""]
         return rows, title, pointer
-    if pointer:
+    if pointer.get("storage"):  # (a study kept in memory left no storage: its jobs are all there is)
         print(f"warning: {pointer['storage']}: no such study file; reporting the jobs in {sweep_dir}", file=sys.stderr)
     rows = job_rows(sweep_dir)
     if not rows:
