@@ -23,6 +23,7 @@ from glint_lightning.runs.planning import (
     choose_batch,
     choose_depth,
     choose_width,
+    loss_choices,
     receptive_field,
     solve_budget,
 )
@@ -161,6 +162,12 @@ def test_width_rule_takes_the_widest_network_that_gets_enough_steps() -> None:
     assert choose_width(widths({8: 900, 16: STEPS_PER_CHANNEL * 16, 32: 300})) == 16
     assert choose_width(widths({8: 900, 16: STEPS_PER_CHANNEL * 16 - 1})) == 8
     assert choose_width(widths({8: 50, 16: 60})) == 8  # none gets enough: the most steps for its width
+
+
+def test_focal_alpha_weighs_rare_glints_up() -> None:
+    assert loss_choices(0.02, 0.2)[1].value == 0.25  # the quickstart's, at 1 % and more
+    rare = loss_choices(0.0004, 0.4)[1]
+    assert rare.key == "loss.terms.focal.alpha" and rare.value == pytest.approx(1 - 0.02)
 
 
 def test_budget_is_filled_and_a_budget_without_room_for_an_epoch_is_refused() -> None:
