@@ -51,6 +51,7 @@ CANDIDATES = {  # (base channels, batch sizes) timed per device type
     "cpu": ((8, 16, 32), (8, 32)),
     "cuda": ((16, 32, 64), (8, 32, 128)),
 }
+TIMED_STEPS = {"cpu": 5, "cuda": 10}  # timed steps per candidate (after 2 untimed warm-up steps); the median counts
 HELPS = 1.05  # channels_last / bf16 are kept when they make a step at least 5 % faster
 EVAL_BATCH = {"cpu": 128, "cuda": 256}
 MEMORY_SHARE = 0.8  # of the GPU's memory a candidate may use
@@ -148,18 +149,18 @@ def _time_grid(
     train = dm.datasets["train"]
     bases, batches = CANDIDATES[device.type]
     batches = tuple(b for b in batches if b <= len(train)) or (len(train),)
-    probe = module_config(bases[1], depth, alpha, learning_rate(batches[0]))
+    steps = TIMED_STEPS[device.type]
 
     def timed(base: int, batch: int, cl: bool, bf16: bool) -> StepTiming:
         cfg = module_config(base, depth, alpha, learning_rate(batch))
-        return time_steps(cfg, train, batch, device, cl, bf16, steps=5 if device.type == "cpu" else 10, stats=stats)
+        return time_steps(cfg, train, batch, device, cl, bf16, steps=steps, stats=stats)
 
-    plain = time_steps(probe, train, batches[0], device, False, False, stats=stats)
-    nhwc = time_steps(probe, train, batches[0], device, True, False, stats=stats)
+    plain = timed(bases[1], batches[0], False, False)
+    nhwc = timed(bases[1], batches[0], True, False)
     channels_last = plain.step_s / nhwc.step_s >= HELPS
     bf16 = False
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        mixed = time_steps(probe, train, batches[0], device, channels_last, True, stats=stats)
+        mixed = timed(bases[1], batches[0], channels_last, True)
         bf16 = (nhwc if channels_last else plain).step_s / mixed.step_s >= HELPS
     grid = {base: [timed(base, b, channels_last, bf16) for b in batches] for base in bases}
     return channels_last, bf16, grid, plain.step_s / nhwc.step_s
