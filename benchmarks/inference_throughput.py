@@ -13,8 +13,8 @@ import copy
 import torch
 
 from benchmarks.common import Stopwatch, config, median_rate
+from glint_lightning.data.windows import window_starts
 from glint_lightning.inference.frames import FramePredictor
-from glint_lightning.inference.tiling import window_starts
 from glint_lightning.train import build_module
 
 

@@ -27,17 +27,17 @@ from glint_lightning.callbacks import CheckpointOnInterrupt, ResumeSchedule
 from glint_lightning.callbacks.optuna_pruning import OptunaPruning
 from glint_lightning.checkpoints.io import remove_stale_temporaries
 from glint_lightning.checkpoints.reader import load_checkpoint
-from glint_lightning.checkpoints.resume import (
-    check_length,
-    check_resumable,
-    plan_resume,
-    resolve_resume,
-)
 from glint_lightning.inference.calibration import calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
 from glint_lightning.models.common import check_network
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
 from glint_lightning.runs.provenance import provenance
+from glint_lightning.runs.resume import (
+    check_length,
+    check_resumable,
+    plan_resume,
+    resolve_resume,
+)
 from glint_lightning.runs.run_lock import RunLock
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError, Interrupted

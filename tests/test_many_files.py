@@ -11,7 +11,7 @@ import torch
 from glint_lightning.data import GlintDataModule
 from glint_lightning.data import h5 as h5_module
 from glint_lightning.data.h5 import depth_and_validity
-from glint_lightning.runs.provenance import file_fingerprint
+from glint_lightning.data.sources import file_fingerprint
 from glint_lightning.utils.errors import GlintError
 from tests.helpers import random_tiles, write_tiles
 

@@ -18,8 +18,8 @@ import torch
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf
 
-from glint_lightning.checkpoints.resume import resolve_resume
 from glint_lightning.runs import slurm
+from glint_lightning.runs.resume import resolve_resume
 from glint_lightning.utils.errors import EXIT_USER_ERROR
 from tests.helpers import REPO, TINY, run_cli
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from glint_lightning.inference.frames import FramePredictor, pad_frame
-from glint_lightning.inference.tiling import gaussian_importance, padded_length, window_starts
+from glint_lightning.data.windows import padded_length, window_starts
+from glint_lightning.inference.frames import FramePredictor, gaussian_importance, pad_frame
 from glint_lightning.module import GlintModule
 from glint_lightning.scoring import tta_transforms
 from glint_lightning.utils.errors import GlintError

@@ -8,7 +8,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from glint_lightning.runs.provenance import file_fingerprint
+from glint_lightning.data.sources import file_fingerprint
 from glint_lightning.train import train
 from tests.helpers import REPO
 

@@ -22,7 +22,7 @@ from PIL import Image
 
 from glint_lightning.checkpoints.io import atomic_output
 from glint_lightning.data.h5 import depth_and_validity
-from glint_lightning.inference.tiling import window_starts
+from glint_lightning.data.windows import window_starts
 from glint_lightning.utils.cli import hydra_app
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.options import is_unset

@@ -23,13 +23,13 @@ from glint_lightning.data.sources import (
     SPLIT_UNITS,
     UNIT_NAMES,
     choose_split_by,
+    file_fingerprint,
     inspect_files,
     resolve_paths,
     tile_units,
 )
 from glint_lightning.data.splits import assign_folds, hold_out
 from glint_lightning.data.transfer import TileLoader
-from glint_lightning.runs.provenance import file_fingerprint
 from glint_lightning.utils.errors import GlintError
 from glint_lightning.utils.seeding import STREAM_AUGMENT, STREAM_SHUFFLE, derive_seed
 

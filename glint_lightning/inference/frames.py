@@ -10,12 +10,13 @@ cut out with one gather and blended back with one index_add per batch, on the mo
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
+from glint_lightning.data.windows import padded_length, round_up, window_starts
 from glint_lightning.inference.ensemble import Ensemble
-from glint_lightning.inference.tiling import gaussian_importance, padded_length, round_up, window_starts
 from glint_lightning.models.base import network_stride
 from glint_lightning.module import GlintModule
 from glint_lightning.scoring import TTA_MODES, tta_transforms, with_tta
@@ -24,6 +25,24 @@ from glint_lightning.utils.errors import GlintError
 __all__ = ["FramePredictor", "gaussian_importance", "window_starts"]  # data/convert.py imports window_starts here
 
 PRECISIONS = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+@lru_cache(maxsize=16)
+def _gaussian(height: int, width: int, sigma_scale: float) -> torch.Tensor:
+    ys = torch.arange(height, dtype=torch.float64) - (height - 1) / 2
+    xs = torch.arange(width, dtype=torch.float64) - (width - 1) / 2
+    gy = torch.exp(-0.5 * (ys / max(sigma_scale * height, 1e-6)) ** 2)
+    gx = torch.exp(-0.5 * (xs / max(sigma_scale * width, 1e-6)) ** 2)
+    w = gy[:, None] * gx[None, :]
+    w = w / w.max()
+    return w.clamp_min(w[w > 0].min()).float()
+
+
+def gaussian_importance(height: int, width: int, sigma_scale: float = 0.125) -> torch.Tensor:
+    """(height, width) weights peaking at 1 in the centre, sigma = sigma_scale x the window; never exactly 0.
+
+    Computed once per (size, sigma) and cached; each call returns a copy."""
+    return _gaussian(height, width, float(sigma_scale)).clone()
 
 
 def pad_frame(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import subprocess
 import sys
@@ -14,23 +13,9 @@ from typing import Any
 import lightning
 import torch
 
+from glint_lightning.data.sources import file_fingerprint
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-
-
-def file_fingerprint(path: str | Path, blocks: int = 16, block_size: int = 1 << 20) -> str:
-    """sha256 of the file's size and `blocks` evenly spaced 1 MiB blocks (all of a file up to 16 MiB): cheap on a
-    100 GB file, and any rewrite, truncation or append that touches a sampled block changes it."""
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        if size <= blocks * block_size:
-            digest.update(f.read())
-        else:
-            for i in range(blocks):
-                f.seek((size - block_size) * i // (blocks - 1))
-                digest.update(f.read(block_size))
-    return f"sha256-sampled:{digest.hexdigest()}"
 
 
 def git_state(folder: Path = PACKAGE_DIR) -> dict[str, Any] | None:

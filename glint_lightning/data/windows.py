@@ -1,5 +1,5 @@
-"""Geometry of full-frame inference, apart from any model: where the windows go and how they are weighted (the
-test-time augmentations are in glint_lightning.tta).
+"""Where windows start along a frame side: the one geometry behind cutting frames into tiles (glint-convert) and
+sliding windows over full frames (glint-predict, glint_lightning.inference.frames).
 
 Window starts are multiples of the network's total stride: a network that pools is shift-equivariant only for
 shifts by whole multiples of its stride, so only then does a window see what the whole-frame pass sees at the same
@@ -9,9 +9,6 @@ pixels, and blending agrees with one forward pass over the frame.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
-import torch
 
 from glint_lightning.utils.errors import OptionError
 
@@ -43,21 +40,3 @@ def window_starts(length: int, window: int, overlap: float, stride: int = 1) -> 
     step = max(1, int(window * (1 - overlap)) // stride)  # in strides
     n = math.ceil(span / step) + 1
     return [round(i * span / (n - 1)) * stride for i in range(n)]
-
-
-@lru_cache(maxsize=16)
-def _gaussian(height: int, width: int, sigma_scale: float) -> torch.Tensor:
-    ys = torch.arange(height, dtype=torch.float64) - (height - 1) / 2
-    xs = torch.arange(width, dtype=torch.float64) - (width - 1) / 2
-    gy = torch.exp(-0.5 * (ys / max(sigma_scale * height, 1e-6)) ** 2)
-    gx = torch.exp(-0.5 * (xs / max(sigma_scale * width, 1e-6)) ** 2)
-    w = gy[:, None] * gx[None, :]
-    w = w / w.max()
-    return w.clamp_min(w[w > 0].min()).float()
-
-
-def gaussian_importance(height: int, width: int, sigma_scale: float = 0.125) -> torch.Tensor:
-    """(height, width) weights peaking at 1 in the centre, sigma = sigma_scale x the window; never exactly 0.
-
-    Computed once per (size, sigma) and cached; each call returns a copy."""
-    return _gaussian(height, width, float(sigma_scale)).clone()
