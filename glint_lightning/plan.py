@@ -28,7 +28,6 @@ from glint_lightning.runs.planning import (
     FIT_START_S,
     LIGHTNING_STEP_OVERHEAD,
     MIN_TILES,
-    STEPS_PER_CHANNEL,
     TARGET,
     TEST_OVERHEAD,
     Budget,
@@ -41,6 +40,7 @@ from glint_lightning.runs.planning import (
     loss_choices,
     schedule,
     solve_budget,
+    steps_wanted,
 )
 from glint_lightning.runs.step_timing import StepTiming, eval_tiles_per_s, resolve_device, time_steps
 from glint_lightning.utils.cli import hydra_app
@@ -254,7 +254,7 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
         Choice(
             "model.base_channels",
             base,
-            f"widest that gets {STEPS_PER_CHANNEL * base} steps in the budget (timed: {speeds})",
+            f"widest that gets {steps_wanted(base)} steps in the budget (timed: {speeds})",
         ),
         Choice(
             "channels_last",

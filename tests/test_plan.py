@@ -18,7 +18,6 @@ import glint_lightning.plan as plan_app
 from glint_lightning.data import GlintDataModule
 from glint_lightning.data.fingerprint import fingerprint
 from glint_lightning.runs.planning import (
-    STEPS_PER_CHANNEL,
     Budget,
     choose_batch,
     choose_depth,
@@ -26,6 +25,7 @@ from glint_lightning.runs.planning import (
     loss_choices,
     receptive_field,
     solve_budget,
+    steps_wanted,
 )
 from glint_lightning.runs.step_timing import StepTiming, resolve_device, time_steps
 from glint_lightning.train import train
@@ -159,8 +159,10 @@ def test_width_rule_takes_the_widest_network_that_gets_enough_steps() -> None:
         t = StepTiming(0, 8, False, False, 0.1, 0.0)
         return {w: (t, Budget(60, 0, 0, 0.1, 0, 0, 0, steps=n)) for w, n in steps.items()}
 
-    assert choose_width(widths({8: 900, 16: STEPS_PER_CHANNEL * 16, 32: 300})) == 16
-    assert choose_width(widths({8: 900, 16: STEPS_PER_CHANNEL * 16 - 1})) == 8
+    assert steps_wanted(8) < steps_wanted(16) < steps_wanted(32) and steps_wanted(32) > 2 * steps_wanted(16)
+    assert choose_width(widths({8: 900, 16: steps_wanted(16), 32: steps_wanted(32) - 1})) == 16
+    assert choose_width(widths({8: 900, 16: steps_wanted(16) - 1})) == 8
+    assert choose_width(widths({16: 5000, 32: steps_wanted(32)})) == 32
     assert choose_width(widths({8: 50, 16: 60})) == 8  # none gets enough: the most steps for its width
 
 
