@@ -21,7 +21,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from glint_lightning.data.fingerprint import fingerprint
-from glint_lightning.data.sources import GLOB_CHARS
 from glint_lightning.runs.planning import (
     CKPT_S,
     EVAL_OVERHEAD,
@@ -107,13 +106,12 @@ def check_data(fp: dict[str, Any], label: str) -> None:
 
 
 def _absolute(value: Any) -> Any:
-    """Paths as given, made absolute (the plan runs from anywhere); globs kept as patterns."""
+    """Paths (files, globs, lists of them) as given, made absolute: the plan may be trained from anywhere."""
     if value is None:
         return None
-    if isinstance(value, (list, tuple)):
+    if OmegaConf.is_list(value) or isinstance(value, (list, tuple)):
         return [_absolute(v) for v in value]
-    text = os.path.expanduser(str(value))
-    return text if GLOB_CHARS & set(text) and os.path.isabs(text) else os.path.abspath(text)
+    return os.path.abspath(os.path.expanduser(str(value)))
 
 
 def default_name(data: DictConfig) -> str:

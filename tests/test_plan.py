@@ -210,6 +210,14 @@ def test_plan_composes_and_trains_within_its_budget(tmp_path: Path, monkeypatch:
     assert "threshold" in summary
 
 
+def test_the_plan_names_the_files_as_given_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    data = plan_cfg(Path("a.h5"), Path("v.h5"), tmp_path, "data.train_path=[a.h5,'rec/*.h5']").data
+    paths = {c.key: c.value for c in plan_app.data_choices(data)}
+    assert paths["data.train_path"] == [str(tmp_path / "a.h5"), str(tmp_path / "rec" / "*.h5")]
+    assert paths["data.val_path"] == str(tmp_path / "v.h5") and paths["data.test_path"] is None
+
+
 @pytest.mark.parametrize(
     ("case", "match"),
     [
