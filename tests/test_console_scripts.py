@@ -30,6 +30,7 @@ BAD_INPUT = {  # console script: (arguments, what its one line says)
     "glint-cv": (["dir=missing"], "error: dir=missing: no such folder"),
     "glint-convert": (["src=missing.h5", "out=o.h5"], "error: missing.h5: no such file or folder"),
     "glint-make-demo": (["tile=-3"], "error: tile=-3"),
+    "glint-plan": (["device=tpu"], "error: device=tpu: unknown device"),
 }
 PLAIN = ["glint-ckpt-info", "glint-check"]  # argparse tools: their own main, not Hydra's
 

@@ -12,9 +12,9 @@ import numpy as np
 from scipy import ndimage
 
 from glint_lightning.data.h5 import H5Tiles, TileFileInfo
-from glint_lightning.runs.provenance import file_fingerprint
+from glint_lightning.data.sources import file_fingerprint
+from glint_lightning.metrics import EIGHT_CONNECTED
 
-EIGHT_CONNECTED = ndimage.generate_binary_structure(2, 2)  # a glint is an 8-connected component, as in the metrics
 PIXELS_PER_TILE = 4096  # valid depth values kept per tile for the percentiles (all of a tile up to 64 x 64 px)
 RING_PX = 3  # width of the surroundings a glint's depth is compared with
 READ_BLOCK = 64  # tiles per read
