@@ -194,7 +194,7 @@ def _blank(png: Path) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page", ["getting-started", "how-to/predict"])
+@pytest.mark.parametrize("page", ["getting-started", "how-to/predict", "how-to/sweeps"])
 def test_a_browser_shows_the_pages_and_their_images(site, page, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
