@@ -9,6 +9,7 @@ compared with the PyTorch model. Any network that meets the contract in models/c
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 import warnings
@@ -63,9 +64,9 @@ class ExportedGlintModel(nn.Module):
     """depth (B, 1, H, W) in mm and valid (B, 1, H, W) bool -> logits (B, 1, H, W), for any B, H, W: the same
     DepthInput and the same pad-forward-crop as training."""
 
-    def __init__(self, core: nn.Module, stride: int, mean: float, std: float) -> None:
+    def __init__(self, core: nn.Module, stride: int, depth_input: DepthInput) -> None:
         super().__init__()
-        self.depth_input, self.network = DepthInput(mean, std), _Network(core, stride)
+        self.depth_input, self.network = copy.deepcopy(depth_input), _Network(core, stride)
 
     def forward(self, depth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         out = self.network(self.depth_input(depth, valid))
@@ -105,6 +106,7 @@ def _info(ckpt: dict[str, Any], module: GlintModule) -> dict[str, Any]:
         "loss_config": hp.get("loss"),
         "depth_mean": float(module.depth_mean),
         "depth_std": float(module.depth_std),
+        "depth_clip": module.depth_input.clip_range(),  # [low, high] mm or None (JSON has no infinities)
         "threshold": hp.get("threshold", 0.5),
         "tile_size": hp.get("tile_size"),
         "glint_lightning_version": __version__,
@@ -145,12 +147,11 @@ def _traceable(module: GlintModule) -> tuple[nn.Module, int]:
 def export_torchscript(module: GlintModule, out: Path, check_size: tuple[int, int]) -> float:
     core, stride = _traceable(module)
     size = stride * max(2, -(-32 // stride))  # padded inputs only: the trace holds no padding logic
-    mean, std = float(module.depth_mean), float(module.depth_std)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-dependent branches: checked below
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation: the format is what was asked
         scripted = torch.jit.script(
-            ExportedGlintModel(torch.jit.trace(core, torch.randn(1, 1, size, size)), stride, mean, std).eval()
+            ExportedGlintModel(torch.jit.trace(core, torch.randn(1, 1, size, size)), stride, module.depth_input).eval()
         )
         with atomic_output(out) as tmp:
             scripted.save(str(tmp))
@@ -163,7 +164,7 @@ def export_onnx(module: GlintModule, out: Path, check_size: tuple[int, int]) -> 
     except ImportError:
         raise GlintError("format=onnx needs onnx, onnxscript and onnxruntime: pip install '.[export]'") from None
     core, stride = _traceable(module)
-    wrapper = ExportedGlintModel(core, stride, float(module.depth_mean), float(module.depth_std)).eval()
+    wrapper = ExportedGlintModel(core, stride, module.depth_input).eval()
     depth, valid = _check_inputs(module, (2 * stride + 3, 2 * stride + 5))
     dims = {0: torch.export.Dim("batch", max=4096), 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     with atomic_output(out) as tmp, warnings.catch_warnings():

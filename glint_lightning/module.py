@@ -4,6 +4,7 @@ with `torch.load(weights_only=True)`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,10 +30,14 @@ WEIGHT_SOURCE_KEYS = ("pretrained", "strict")
 
 
 def _rename_old_depth_buffers(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """Checkpoints written before DepthInput kept the statistics as `depth_mean` / `depth_std`."""
+    """Checkpoints written before DepthInput kept the statistics as `depth_mean` / `depth_std`; those written before
+    `data.depth_clip` have no clip range: -inf/+inf, i.e. no clip, which is what they were trained with."""
     for old, new in (("depth_mean", "depth_input.mean"), ("depth_std", "depth_input.std")):
         if prefix + old in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
+    if prefix + "depth_input.mean" in state_dict:
+        for key, bound in (("depth_input.low", -math.inf), ("depth_input.high", math.inf)):
+            state_dict.setdefault(prefix + key, torch.tensor(bound))
 
 
 class GlintModule(L.LightningModule):
@@ -83,9 +88,11 @@ class GlintModule(L.LightningModule):
             if hasattr(metric, "threshold"):
                 metric.threshold = threshold
 
-    def set_depth_stats(self, mean: float, std: float) -> None:
-        """Normalisation statistics of the training data; part of the state dict so inference reuses them."""
+    def set_depth_stats(self, mean: float, std: float, clip: tuple[float, float] | None = None) -> None:
+        """Normalisation statistics of the training data and the range (mm) depth is clipped to before them (None: no
+        clip); part of the state dict so inference reuses them."""
         self.depth_input.set_statistics(mean, std)
+        self.depth_input.set_clip(clip)
 
     @property
     def depth_mean(self) -> torch.Tensor:

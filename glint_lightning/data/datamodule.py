@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -43,6 +44,21 @@ def _check_fractions(val_fraction: float, test_fraction: float) -> None:
             f"data.val_fraction={val_fraction}, data.test_fraction={test_fraction}: each must be in [0, 1) "
             "and together below 1"
         )
+
+
+def _depth_clip(value: Sequence[float] | None) -> tuple[float, float] | None:
+    """data.depth_clip as (low, high) mm, or None for no clip."""
+    if value is None:
+        return None
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        low = high = math.nan
+    if not low < high or math.isinf(low) or math.isinf(high):  # also NaN
+        raise GlintError(
+            f"data.depth_clip={value}; use null or [low, high] in mm with low < high, e.g. data.depth_clip=[500,3000]"
+        )
+    return low, high
 
 
 def _check_folds(folds: int | None, fold: int | None, val_path: PathSpec | None) -> None:
@@ -148,6 +164,7 @@ class GlintDataModule(L.LightningDataModule):
         folds: int | None = None,
         fold: int | None = None,
         split_by: str | None = None,
+        depth_clip: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         # The frame passed, not looked up: Lightning's lookup leaves this module in a reference cycle, and its
@@ -172,6 +189,7 @@ class GlintDataModule(L.LightningDataModule):
         self.keys = TileKeys(**(keys or {}))
         self.augment = AugmentConfig(**(augment or {}))
         self.depth_scale = depth_scale
+        self.depth_clip = _depth_clip(depth_clip)  # mm; the statistics and the network input both see it
         self.seed = seed
         self.datasets: dict[str, H5Tiles] = {}
         self.depth_stats: tuple[float, float] | None = None
@@ -219,7 +237,7 @@ class GlintDataModule(L.LightningDataModule):
             self._check_not_empty(name, ds)
         if "val" not in self.datasets:
             raise GlintError(f"{train.label}: no validation tiles; set data.val_path=... or data.val_fraction>0")
-        self.depth_stats = depth_statistics(self.datasets["train"], hp.norm_samples)
+        self.depth_stats = depth_statistics(self.datasets["train"], hp.norm_samples, self.depth_clip)
         log.info("data: %s", self._summary())
 
     def _summary(self) -> str:
@@ -300,6 +318,7 @@ class GlintDataModule(L.LightningDataModule):
             "val_indices": val.indices.tolist() if val is not None and "val" in self.cut else None,
             "depth_mean_mm": self.depth_stats[0] if self.depth_stats else None,
             "depth_std_mm": self.depth_stats[1] if self.depth_stats else None,
+            "depth_clip_mm": list(self.depth_clip) if self.depth_clip else None,
         }
 
     def save_description(self, path: str | Path) -> None:

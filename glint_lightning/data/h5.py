@@ -342,14 +342,17 @@ def collate_tiles(batch: dict[str, torch.Tensor] | SlotRef | list[dict[str, torc
     return batch if isinstance(batch, (dict, SlotRef)) else default_collate(batch)
 
 
-def depth_statistics(dataset: H5Tiles, max_tiles: int) -> tuple[float, float]:
-    """Mean and std (mm) of valid depth over up to `max_tiles` evenly spaced tiles: cheap, deterministic."""
+def depth_statistics(dataset: H5Tiles, max_tiles: int, clip: tuple[float, float] | None = None) -> tuple[float, float]:
+    """Mean and std (mm) of valid depth over up to `max_tiles` evenly spaced tiles: cheap, deterministic. With `clip`
+    (low, high) mm, of the depth clipped to it, as the network sees it (models.depth_input)."""
     picks = np.unique(np.linspace(0, len(dataset) - 1, num=min(max_tiles, len(dataset))).astype(int))
     total = total_sq = count = 0.0
     for start in range(0, len(picks), STATS_BLOCK):
         depths, _, valids = dataset.read_many(dataset.indices[picks[start : start + STATS_BLOCK]])
         for depth, valid in zip(depths, valids):
             values = depth[valid].astype(np.float64)
+            if clip is not None:
+                values = np.clip(values, *clip)
             total, total_sq, count = total + values.sum(), total_sq + (values**2).sum(), count + values.size
     dataset.close()
     if count == 0:

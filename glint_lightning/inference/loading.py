@@ -59,7 +59,7 @@ def load_pth(path: Path) -> GlintModule:
 
 def module_from_export(meta: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> GlintModule:
     """Build the network its (already trusted) model config names, load `state` exactly, set the depth statistics,
-    threshold and tile size the export recorded."""
+    clip range, threshold and tile size the export recorded."""
     model = network_config(meta["model_config"])
     module = GlintModule(
         model=model,
@@ -75,8 +75,17 @@ def module_from_export(meta: dict[str, Any], state: dict[str, torch.Tensor], sou
             f"{source}: its tensors do not fit {model.get('_target_')} ({str(err).splitlines()[0]}); "
             "export the checkpoint again"
         ) from None
-    module.set_depth_stats(float(meta["depth_mean"]), float(meta["depth_std"]))
+    module.set_depth_stats(float(meta["depth_mean"]), float(meta["depth_std"]), _clip(meta.get("depth_clip"), source))
     return module.eval()
+
+
+def _clip(value: Any, source: str) -> tuple[float, float] | None:
+    """The depth clip range an export recorded (exports written before data.depth_clip record none: no clip)."""
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+        raise GlintError(f"{source}: depth_clip={value!r} is not [low, high] (mm) or null; export the checkpoint again")
+    return float(value[0]), float(value[1])
 
 
 def checkpoint_postprocess(ckpt: Mapping[str, Any], source: str = "checkpoint") -> PostProcess:
