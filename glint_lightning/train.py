@@ -27,7 +27,7 @@ from glint_lightning.callbacks import CheckpointOnInterrupt, ResumeSchedule
 from glint_lightning.callbacks.optuna_pruning import OptunaPruning
 from glint_lightning.checkpoints.io import remove_stale_temporaries
 from glint_lightning.checkpoints.reader import load_checkpoint
-from glint_lightning.inference.calibration import calibrate_threshold, write_threshold
+from glint_lightning.inference.calibration import calibrate_postprocess, calibrate_threshold, write_threshold
 from glint_lightning.metrics import check_metric
 from glint_lightning.models.common import check_network
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
@@ -170,7 +170,7 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> float | No
     if ckpt_path is not None:
         extra_callbacks = _plan_resume(cfg, ckpt_path, module)
     else:
-        module.set_depth_stats(*datamodule.depth_stats)
+        module.set_depth_stats(*datamodule.depth_stats, clip=datamodule.depth_clip)
     if rank_zero_only.rank == 0:  # under DDP every rank runs this function; one writes the run's files
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(ckpt_dir)
@@ -210,9 +210,9 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> float | No
         "final": _float_metrics({k: v for k, v in trainer.callback_metrics.items() if not k.startswith("test/")}),
         **OptunaPruning.summary(trainer),  # pruned_at_epoch: an Optuna pruner stopped this trial
     }
-    if cfg.get("calibrate_threshold") and summary["best_checkpoint"]:
+    if (cfg.get("calibrate_threshold") or cfg.get("calibrate_postprocess")) and summary["best_checkpoint"]:
         if trainer.is_global_zero:
-            summary["threshold"] = _calibrate(module, datamodule, summary)
+            summary["threshold"] = _calibrate(module, datamodule, summary, bool(cfg.get("calibrate_postprocess")))
         trainer.strategy.barrier()  # the other ranks test with the threshold rank 0 stored in the checkpoint
     if cfg.get("test") and datamodule.has_split("test"):
         best = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
@@ -249,18 +249,26 @@ def _interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
     )
 
 
-def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any]) -> dict[str, float]:
-    """Pick the threshold maximising val F1 with the best weights; store it in the best and last checkpoints, each
-    saying it came from the best weights (last.ckpt may hold later ones)."""
+def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any], postprocess: bool) -> dict[str, Any]:
+    """Pick the threshold maximising val F1 with the best weights (with `postprocess`, also the post-processing
+    maximising val IoU, as glint-eval calibrate=true); store them in the best and last checkpoints, each saying it
+    came from the best weights (last.ckpt may hold later ones)."""
     best_path = Path(summary["best_checkpoint"])
     best = load_checkpoint(best_path)
     module.load_state_dict(best["state_dict"])
-    threshold, f1 = calibrate_threshold(module, datamodule.eval_loader("val", shard=False), module.device)
+    loader = datamodule.eval_loader("val", shard=False)
+    result: dict[str, Any] = {}
+    if postprocess:
+        cal = calibrate_postprocess(module, loader, module.device)
+        threshold, f1, record = cal.threshold, cal.val_f1, cal.selection.record()
+        result = {"postprocess": record, "selection": cal.selection.describe()}
+    else:
+        (threshold, f1), record = calibrate_threshold(module, loader, module.device), None
     weights = {"checkpoint": best_path.name, "epoch": best.get("epoch"), "global_step": best.get("global_step")}
     for path in {summary["best_checkpoint"], summary["last_checkpoint"]} - {None}:
-        write_threshold(path, threshold, f1, {**weights, "role": "best"})
+        write_threshold(path, threshold, f1, {**weights, "role": "best"}, postprocess=record)
     module.set_threshold(threshold)
-    return {"value": threshold, "val_f1": f1}
+    return {"value": threshold, "val_f1": f1, **result}
 
 
 def _why_no_checkpoint(trainer: L.Trainer, best_cb: ModelCheckpoint | None, metric: str) -> str:
@@ -290,9 +298,10 @@ def _print_summary(summary: dict[str, Any], why_none: str = "") -> None:
     ]
     if "threshold" in summary:
         t = summary["threshold"]
-        lines.insert(
-            3, f"threshold:       {t['value']:.2f} (maximises val F1: {t['val_f1']:.4f}; stored in the checkpoints)"
-        )
+        line = f"threshold:       {t['value']:.2f} (maximises val F1: {t['val_f1']:.4f}; stored in the checkpoints)"
+        if "selection" in t:
+            line = f"calibrated:      {t['selection']} (stored in the checkpoints)"
+        lines.insert(3, line)
     if "test" in summary:
         label = "test (best):    " if summary["best_checkpoint"] else "test (final):   "
         lines.append(f"{label} " + "  ".join(f"{k}={v:.4f}" for k, v in summary["test"].items()))

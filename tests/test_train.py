@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from glint_lightning.ckpt_info import describe, format_info
+from glint_lightning.eval import evaluate
+from glint_lightning.inference.loading import stored_postprocess
+from glint_lightning.inference.postprocess import PostProcess
 from glint_lightning.module import GlintModule
 from glint_lightning.train import build_module, train
+from glint_lightning.utils.config_dir import CONFIG_DIR
 from glint_lightning.utils.errors import GlintError
 from tests.helpers import EXACT
 
@@ -54,6 +60,8 @@ def test_train_writes_checkpoints_metrics_and_returns_the_optimized_metric(make_
     hp = ckpt["hyper_parameters"]
     assert hp["model"]["_target_"] == "glint_lightning.models.UNet" and hp["config"]["loss"] == hp["loss"]
     assert hp["config"]["trainer"]["max_epochs"] == 2 and ckpt["has_optimizer_state"] is True
+    assert "postprocess" not in ckpt["threshold_calibration"], "calibrate_postprocess is off by default"
+    assert "selection" not in summary["threshold"] and re.search(r"^threshold: +\d\.\d\d \(maximises val F1", out, re.M)
     module = GlintModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert float(module.depth_std) > 1.0, "normalisation statistics travel with the weights"
 
@@ -335,3 +343,26 @@ def test_resume_with_another_optimizer_starts_its_state_fresh(make_cfg, tmp_path
     state = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
     assert state["param_groups"][0]["momentum"] == 0.9
     assert all(set(s) == {"momentum_buffer"} for s in state["state"].values()), "no Adam moments carried into SGD"
+
+
+def test_calibrate_postprocess_stores_what_glint_eval_calibrate_stores(make_cfg, tmp_path, capsys):
+    train(make_cfg("trainer.max_epochs=1", "test=false", "calibrate_postprocess=true"))
+    out = capsys.readouterr().out
+    run = tmp_path / "run"
+    chosen = json.loads((run / "metrics.json").read_text())["threshold"]
+    assert f"calibrated:      {chosen['selection']} (stored in the checkpoints)" in out
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    shutil.copy(best, tmp_path / "by_eval.ckpt")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        overrides = [f"ckpt_path={tmp_path / 'by_eval.ckpt'}", "calibrate=true", "split=val", f"out={tmp_path / 'e'}"]
+        evaluate(compose("eval", overrides=overrides))
+    by_eval = torch.load(tmp_path / "by_eval.ckpt", weights_only=True)["threshold_calibration"]
+    for path in (best, run / "checkpoints" / "last.ckpt"):
+        ckpt = torch.load(path, weights_only=True)
+        stored = ckpt["threshold_calibration"]
+        assert stored["postprocess"] == chosen["postprocess"] == by_eval["postprocess"], path.name
+        assert ckpt["hyper_parameters"]["threshold"] == stored["threshold"] == chosen["value"] == by_eval["threshold"]
+        assert stored["postprocess"]["metric"] == "iou" and stored["postprocess"]["tiles"] == 16
+        assert stored_postprocess(path) == PostProcess.from_dict(chosen["postprocess"]), "eval/predict read it back"
+        line = next(ln for ln in format_info(describe(path)).splitlines() if ln.startswith("post-processing:"))
+        assert "val tiles: iou" in line, line
