@@ -27,6 +27,7 @@ from glint_lightning.runs.planning import (
     FIT_START_S,
     LIGHTNING_STEP_OVERHEAD,
     MIN_TILES,
+    POSTPROCESS_OVERHEAD,
     TARGET,
     TEST_OVERHEAD,
     Budget,
@@ -35,8 +36,10 @@ from glint_lightning.runs.planning import (
     choose_depth,
     choose_split_by,
     choose_width,
+    depth_clip_choice,
     learning_rate,
     loss_choices,
+    postprocess_choice,
     schedule,
     solve_budget,
     steps_wanted,
@@ -173,6 +176,8 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
     depth = choose_depth(tile, (train_fp["glint_extent_px"] or {}).get("p95"))
     losses = loss_choices(train_fp["glint_share"] or 0.0, train_fp["empty_tile_share"] or 0.0)
     alpha = losses[1].value
+    post = postprocess_choice(train_fp["glint_size_px"])
+    search = POSTPROCESS_OVERHEAD if post.value else 1.0  # the post-processing search costs more than a validation
     eval_batch = min(EVAL_BATCH[device.type], max(n_val, 1))
     startup = import_seconds() + setup_s
     fit_start = FIT_START_S[device.type]
@@ -199,13 +204,14 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
             fit_start_s=fit_start,
             step_s=chosen.step_s * LIGHTNING_STEP_OVERHEAD,
             validation_s=val_s,
-            calibration_s=val_s + CKPT_S,
+            calibration_s=val_s * search + CKPT_S,
             test_s=(n_test / tps * TEST_OVERHEAD + CKPT_S) if n_test else 0.0,
             modelled=[
                 f"fit start {fit_start:g} s",
                 f"Lightning's loop x{LIGHTNING_STEP_OVERHEAD}",
                 f"validation x{EVAL_OVERHEAD} and test x{TEST_OVERHEAD} of the timed forward passes",
                 f"checkpoint loads {CKPT_S:g} s",
+                *([f"post-processing search x{POSTPROCESS_OVERHEAD:g} of a validation"] if post.value else []),
             ],
         )
         try:
@@ -225,8 +231,6 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
     )
     hours, rest = divmod(math.ceil(budget.train_s * 1.1), 3600)
     max_time = f"00:{hours:02d}:{rest // 60:02d}:{rest % 60:02d}"
-    size = train_fp["glint_size_px"] or {}
-    small = (size.get("p50") or 0) <= 4
     precision = "bf16-mixed" if bf16 else "32-true"
     choices = [
         *data_choices(cfg.data),
@@ -244,6 +248,7 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
             "depth mean/std from this many training tiles (invalid "
             f"pixels excluded; valid depth spans {_pct(train_fp['depth_mm'])} mm, p0.5/p50/p99.5)",
         ),
+        depth_clip_choice(train_fp["depth_mm"]),
         Choice("data.augment.hflip", True, "glints have no preferred side: flips and 90-degree turns are free data"),
         Choice("data.augment.vflip", True, "as hflip"),
         Choice("data.augment.rot90", True, "as hflip"),
@@ -297,17 +302,9 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
         Choice("trainer.accelerator", "gpu" if device.type == "cuda" else "cpu", f"timed on {device}"),
         Choice("trainer.devices", [device.index or 0] if device.type == "cuda" else 1, "one device, as timed"),
         Choice("calibrate_threshold", True, "store the threshold maximising val F1 (counted in the budget)"),
+        post,
         Choice("callbacks.progress.refresh_rate", 20, "fewer progress updates"),
     ]
-    if small:
-        choices.append(
-            Choice(
-                "#post-processing",
-                "glint-eval calibrate=true",
-                f"small glints (median "
-                f"{size.get('p50')} px): let glint-eval choose min_size / fill_holes on val after training",
-            )
-        )
     return {"choices": choices, "budget": budget, "step": step, "device": str(device), "grid": grid}
 
 
@@ -373,7 +370,9 @@ def table(plan: dict[str, Any], fp: dict[str, Any]) -> str:
         f"size p5/p50/p95 {_pct(size)} px, {t['empty_tile_share']:.0%} tiles without"
     )
     rows = [
-        c for c in plan["choices"] if not c.key.startswith("data.") or c.key in ("data.batch_size", "data.split_by")
+        c
+        for c in plan["choices"]
+        if not c.key.startswith("data.") or c.key in ("data.batch_size", "data.split_by", "data.depth_clip")
     ]
     rows = [
         c
@@ -439,8 +438,6 @@ def plan(cfg: DictConfig) -> Path:
     print(table(result, fp))
     print(f"fingerprint: {fp_path}\nplan:        {exp_path}")
     print(f"train with:  glint-train --config-dir {out} experiment={name}")
-    if any(c.key == "#post-processing" for c in result["choices"]):
-        print("then:        glint-eval ckpt_path=<best checkpoint> calibrate=true   (post-processing for small glints)")
     return exp_path
 
 

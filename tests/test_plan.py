@@ -22,7 +22,9 @@ from glint_lightning.runs.planning import (
     choose_batch,
     choose_depth,
     choose_width,
+    depth_clip_choice,
     loss_choices,
+    postprocess_choice,
     receptive_field,
     solve_budget,
     steps_wanted,
@@ -172,6 +174,14 @@ def test_focal_alpha_weighs_rare_glints_up() -> None:
     assert rare.key == "loss.terms.focal.alpha" and rare.value == pytest.approx(1 - 0.02)
 
 
+def test_clip_and_post_processing_rules() -> None:
+    assert depth_clip_choice({"p0.5": 900.5, "p50": 1000.0, "p99.5": 1100.25}).value == [900.5, 1100.25]
+    assert depth_clip_choice({"p0.5": 1000.0, "p50": 1000.0, "p99.5": 1000.0}).value is None  # nothing to clip to
+    assert depth_clip_choice(None).value is None
+    assert postprocess_choice({"p5": 1, "p50": 4, "p95": 9}).value is True
+    assert postprocess_choice({"p5": 4, "p50": 5, "p95": 30}).value is False
+
+
 def test_budget_is_filled_and_a_budget_without_room_for_an_epoch_is_refused() -> None:
     b = solve_budget(Budget(120, 10, 3, 0.05, 2, 3, 4), n_train=1000, batch=8)
     assert b.planned_s <= 120 * 0.95 + 1e-6 and b.planned_s >= 120 * 0.95 - b.step_s * b.epochs - b.validation_s
@@ -201,13 +211,19 @@ def test_plan_composes_and_trains_within_its_budget(tmp_path: Path, monkeypatch:
             ],
         )
     assert run.data.train_path == str(train_path) and run.scheduler.interval == "step"
+    train_fp = fp["splits"]["train"]
+    assert list(run.data.depth_clip) == [train_fp["depth_mm"]["p0.5"], train_fp["depth_mm"]["p99.5"]]
+    assert train_fp["glint_size_px"]["p50"] <= 4 and run.calibrate_postprocess is True, "1-3 px glints are small"
     h, m, s = (int(x) for x in run.trainer.max_time.split(":")[1:])
     assert h * 3600 + m * 60 + s <= 0.2 * 60  # the safety net is inside the budget
     assert run.scheduler.warmup_epochs + run.scheduler.scheduler.T_max == run.trainer.max_steps
     train(run)
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 0 < summary["global_step"] <= run.trainer.max_steps and summary["best_score"] is not None
-    assert "threshold" in summary
+    assert summary["threshold"]["postprocess"]["metric"] == "iou", "the post-processing search ran at the end"
+    stored = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert stored["hyper_parameters"]["config"]["data"]["depth_clip"] == list(run.data.depth_clip)
+    assert stored["state_dict"]["depth_input.low"] == pytest.approx(run.data.depth_clip[0])
 
 
 def test_the_plan_names_the_files_as_given_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

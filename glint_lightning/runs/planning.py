@@ -7,7 +7,9 @@ The rules (nnU-Net's idea, planned for wall-clock time instead of a memory targe
   keeps the device busy (within BUSY of the best tiles/s: more small steps beat fewer large ones at a fixed time),
   then the widest network that still gets `steps_wanted(width)` optimizer steps in the budget;
 - steps, warm-up and a per-step cosine that fill the budget less the fixed costs (start-up, validations,
-  calibration, test), `trainer.max_time` as the safety net.
+  calibration, test), `trainer.max_time` as the safety net;
+- depth clipped to the training depth's 0.5th/99.5th percentiles before normalising;
+- small glints: the end-of-run calibration also searches post-processing (min_size, fill_holes).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ CKPT_S = 1.0  # loading the best checkpoint for calibration and for the test, ea
 BASE_LR, BASE_BATCH, MAX_LR = 6.0e-3, 8, 1.0e-2  # Adam + BatchNorm: 6e-3 at batch 8 (quickstart), sqrt-scaled
 MIN_WARMUP, WARMUP_SHARE = 20, 0.04
 RARE_SHARE, MAX_ALPHA = 0.01, 0.99  # glint shares below RARE_SHARE get a focal alpha above the default
+SMALL_GLINT_PX = 4  # median glint size (px) up to which the end of training also searches post-processing
+POSTPROCESS_OVERHEAD = 3.0  # a post-processing search vs a validation pass: glints counted on the CPU per grid point
 
 
 def receptive_field(depth: int) -> int:
@@ -197,3 +201,30 @@ def loss_choices(share: float, empty_share: float) -> list[Choice]:
         else "rare glints (< 1 %): 1 - sqrt(share) weighs a glint pixel ~1/sqrt(share) x a background one"
     )
     return [Choice("#loss", "hybrid (focal + dice)", why), Choice("loss.terms.focal.alpha", alpha, a_why)]
+
+
+def depth_clip_choice(depth_mm: dict[str, float] | None) -> Choice:
+    """Clip depth to the training depth's 0.5th/99.5th percentiles before normalising: a few far-off depths (sensor
+    outliers, background through a gap) then neither stretch the std nor reach the network as extreme values."""
+    low, high = (depth_mm or {}).get("p0.5"), (depth_mm or {}).get("p99.5")
+    if low is None or high is None or not low < high:
+        return Choice("data.depth_clip", None, "no depth spread to clip to (valid depth is constant or absent)")
+    return Choice(
+        "data.depth_clip",
+        [low, high],
+        "valid depth's p0.5 / p99.5 (mm): outliers beyond them neither stretch the mean/std nor reach the network",
+    )
+
+
+def postprocess_choice(size_px: dict[str, float] | None) -> Choice:
+    """Search min_size / fill_holes on val at the end of training when glints are small (median <= SMALL_GLINT_PX):
+    there a few stray pixels are a large share of what is predicted, and removing them is what the search tries."""
+    median = (size_px or {}).get("p50") or 0
+    if median <= SMALL_GLINT_PX:
+        return Choice(
+            "calibrate_postprocess",
+            True,
+            f"small glints (median {median:g} px): choose min_size / fill_holes on val after training (kept only "
+            "when they beat none)",
+        )
+    return Choice("calibrate_postprocess", False, f"glints of median {median:g} px: no post-processing search")
