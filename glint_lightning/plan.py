@@ -27,7 +27,7 @@ from glint_lightning.runs.planning import (
     FIT_START_S,
     LIGHTNING_STEP_OVERHEAD,
     MIN_TILES,
-    POSTPROCESS_OVERHEAD,
+    POSTPROCESS_S_PER_MPX,
     TARGET,
     TEST_OVERHEAD,
     Budget,
@@ -177,7 +177,7 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
     losses = loss_choices(train_fp["glint_share"] or 0.0, train_fp["empty_tile_share"] or 0.0)
     alpha = losses[1].value
     post = postprocess_choice(train_fp["glint_size_px"])
-    search = POSTPROCESS_OVERHEAD if post.value else 1.0  # the post-processing search costs more than a validation
+    search_s = n_val * tile[0] * tile[1] / 1e6 * POSTPROCESS_S_PER_MPX if post.value else 0.0  # CPU work, any device
     eval_batch = min(EVAL_BATCH[device.type], max(n_val, 1))
     startup = import_seconds() + setup_s
     fit_start = FIT_START_S[device.type]
@@ -204,14 +204,14 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
             fit_start_s=fit_start,
             step_s=chosen.step_s * LIGHTNING_STEP_OVERHEAD,
             validation_s=val_s,
-            calibration_s=val_s * search + CKPT_S,
+            calibration_s=val_s + search_s + CKPT_S,
             test_s=(n_test / tps * TEST_OVERHEAD + CKPT_S) if n_test else 0.0,
             modelled=[
                 f"fit start {fit_start:g} s",
                 f"Lightning's loop x{LIGHTNING_STEP_OVERHEAD}",
                 f"validation x{EVAL_OVERHEAD} and test x{TEST_OVERHEAD} of the timed forward passes",
                 f"checkpoint loads {CKPT_S:g} s",
-                *([f"post-processing search x{POSTPROCESS_OVERHEAD:g} of a validation"] if post.value else []),
+                *([f"post-processing search {POSTPROCESS_S_PER_MPX:g} s per million val pixels"] if post.value else []),
             ],
         )
         try:

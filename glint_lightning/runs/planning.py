@@ -43,7 +43,10 @@ BASE_LR, BASE_BATCH, MAX_LR = 6.0e-3, 8, 1.0e-2  # Adam + BatchNorm: 6e-3 at bat
 MIN_WARMUP, WARMUP_SHARE = 20, 0.04
 RARE_SHARE, MAX_ALPHA = 0.01, 0.99  # glint shares below RARE_SHARE get a focal alpha above the default
 SMALL_GLINT_PX = 4  # median glint size (px) up to which the end of training also searches post-processing
-POSTPROCESS_OVERHEAD = 3.0  # a post-processing search vs a validation pass: glints counted on the CPU per grid point
+# The post-processing search's CPU work (connected components per threshold x min_size) beyond the validation pass,
+# per million val pixels, whatever the network: 1.3-1.5 s on the shared 2-core dev CPU under load, 256 demo tiles of
+# 64 px (benchmarks/postprocess_search.py)
+POSTPROCESS_S_PER_MPX = 1.5
 
 
 def receptive_field(depth: int) -> int:
