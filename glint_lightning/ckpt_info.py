@@ -68,7 +68,7 @@ def _postprocess(info: dict[str, Any]) -> str:
     """min_size / fill_holes as eval and predict use them, and how they were chosen; `off` when none is stored."""
     post = info.get("postprocess")
     if not post:
-        return "off (none chosen: glint-eval calibrate=true chooses it)"
+        return "off (none chosen: glint-eval calibrate=true or glint-train calibrate_postprocess=true chooses it)"
     min_size, fill = int(post.get("min_size") or 0), bool(post.get("fill_holes"))
     chosen = ", ".join([f"min_size={min_size} px"] * (min_size > 1) + ["fill_holes"] * fill) or "off"
     if "score" not in post:
