@@ -80,6 +80,24 @@ def test_rgb_weights_adapted_to_depth_input_give_the_same_features(tmp_path, cap
         )
 
 
+@pytest.mark.parametrize("name, ctor", [("vgg16", tvm.vgg16), ("vgg16_bn", tvm.vgg16_bn)])
+def test_vgg_encoder_holds_torchvisions_features_by_name_and_initialisation(name, ctor):
+    """The VGG body is built without torchvision's classifier; its weight files must still load by name."""
+    with torch.device("meta"):  # torchvision's layout without paying for its 102M-parameter classifier
+        tv = ctor(weights=None)
+    torch.manual_seed(0)
+    body = Encoder(name, in_channels=3).body
+    expected = {k: v.shape for k, v in tv.state_dict().items() if k.startswith("features.")}
+    assert {k: v.shape for k, v in body.state_dict().items()} == expected
+    convs = [m for m in body.modules() if isinstance(m, torch.nn.Conv2d)]
+    for m in convs[
+        1:
+    ]:  # torchvision's init: He (fan out) weights, zero bias (the input conv is rebuilt for in_channels)
+        assert torch.count_nonzero(m.bias) == 0
+        fan_out = m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+        assert m.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+
+
 def test_adapt_input_conv_rule():
     w = torch.randn(8, 3, 3, 3)
     torch.testing.assert_close(adapt_input_conv(w, 1), w.sum(1, keepdim=True))

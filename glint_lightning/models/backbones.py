@@ -1,12 +1,13 @@
 """torchvision backbones as multi-scale encoders: features at strides 4, 8, 16 and 32 (or fewer with dilation).
 
-The torchvision model is kept whole under `body` (its classifier removed), so torchvision weight files load into
-it by name; the encoder only knows where each stage ends.
+The torchvision model is kept under `body` (without its classifier; VGG is built without one), so torchvision
+weight files load into it by name; the encoder only knows where each stage ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,20 @@ from glint_lightning.models.common import batchnorm_to_groupnorm
 from glint_lightning.models.pretrained import apply_pretrained
 from glint_lightning.utils.errors import GlintError
 
+
+def _vgg16_features(weights: None = None, batch_norm: bool = False) -> nn.Module:
+    """torchvision's VGG16 without its classifier: a module holding only `features` (the same layer names, so
+    torchvision weight files load by name, and VGG's own initialisation). Building `tvm.vgg16` would allocate
+    and initialise its 102M-parameter classifier (about 1.5 s) only for the encoder to drop it."""
+    body = nn.Module()
+    body.features = tvm.vgg.make_layers(tvm.vgg.cfgs["D"], batch_norm=batch_norm)
+    for m in body.features.modules():  # as torchvision's VGG.__init__ initialises them (BatchNorm: 1 and 0 already)
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return body
+
+
 # name -> (constructor, weights enum, stage boundaries, channels per stage)
 # Boundaries are the names (ResNet) or `features` indices (MobileNetV2, VGG) that end each stage.
 RESNETS = {
@@ -28,8 +43,13 @@ RESNETS = {
 }
 FEATURE_NETS = {  # stage ends as `features` slice stops
     "mobilenet_v2": (tvm.mobilenet_v2, tvm.MobileNet_V2_Weights, (4, 7, 14, 19), (24, 32, 96, 1280)),
-    "vgg16": (tvm.vgg16, tvm.VGG16_Weights, (10, 17, 24, 31), (128, 256, 512, 512)),
-    "vgg16_bn": (tvm.vgg16_bn, tvm.VGG16_BN_Weights, (14, 24, 34, 44), (128, 256, 512, 512)),
+    "vgg16": (partial(_vgg16_features, batch_norm=False), tvm.VGG16_Weights, (10, 17, 24, 31), (128, 256, 512, 512)),
+    "vgg16_bn": (
+        partial(_vgg16_features, batch_norm=True),
+        tvm.VGG16_BN_Weights,
+        (14, 24, 34, 44),
+        (128, 256, 512, 512),
+    ),
 }
 BACKBONES = sorted([*RESNETS, *FEATURE_NETS])
 
@@ -90,7 +110,8 @@ class Encoder(nn.Module):
             if name.startswith("vgg") and output_stride != 32:
                 raise GlintError(f"model.backbone={name} supports output_stride=32 only")
             self.body = ctor(weights=None)
-            self.body.classifier = nn.Identity()
+            if not name.startswith("vgg"):  # the VGG body is built without one
+                self.body.classifier = nn.Identity()
             first = self.body.features if name.startswith("vgg") else self.body.features[0]
             _replace_input_conv(first, "0", in_channels)
             starts = (0, *ends[:-1])
