@@ -118,3 +118,41 @@ def glint_log(caplog: pytest.LogCaptureFixture) -> Callable[[], str]:
         return text
 
     return read
+
+
+@pytest.fixture
+def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple]:
+    """Run a console script's `main()` in this process as its command line `args` from folder `cwd`; return
+    (exit code, stdout, stderr). It spares the 3-5 s of imports a subprocess pays where the process boundary is not
+    what a test is about (each script keeps a subprocess test elsewhere). Hydra's logging set-up is undone after."""
+
+    def run(main: Callable[[], object], *args: str, cwd: Path, env: dict[str, str] | None = None) -> tuple:
+        monkeypatch.chdir(cwd)
+        monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setattr(sys, "argv", [main.__module__, *args])
+        loggers = [
+            logging.getLogger(),
+            *(lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)),
+        ]
+        saved = {lg: (lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
+        code: object = 0
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            for lg in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
+                if not isinstance(lg, logging.Logger):
+                    continue
+                handlers, level, propagate, disabled = saved.get(lg, ([], logging.NOTSET, True, False))
+                for handler in lg.handlers:
+                    if handler not in handlers:
+                        handler.close()
+                lg.handlers[:], lg.propagate, lg.disabled = handlers, propagate, disabled
+                lg.setLevel(level)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,4 +1,5 @@
-"""`python -m glint_lightning.train ...` in a subprocess, exactly as a user runs it."""
+"""`python -m glint_lightning.train ...` in a subprocess, exactly as a user runs it; all bad-input cases but one and
+the --cfg / unknown-option checks call its main() in this process: the same command line, without the imports."""
 
 import csv
 import json
@@ -6,6 +7,7 @@ import json
 import pytest
 import yaml
 
+from glint_lightning.train import main
 from tests.helpers import TINY, run_cli
 
 FAST = [*TINY, "trainer.max_epochs=1", "test=false", "callbacks.prediction_images.every_n_epochs=1"]
@@ -70,39 +72,46 @@ def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env)
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, in_subprocess",
     [
-        (["data=h5", "data.train_path=missing.h5"], "error: missing.h5: no such file"),
-        (["data=h5", "data.train_path=bad.h5"], "error: bad.h5: cannot be read as HDF5"),
-        (["ckpt_path=/nowhere/x.ckpt"], "error: ckpt_path=/nowhere/x.ckpt: no such file"),
-        (["ckpt_path=bad.h5"], "error: bad.h5: not a loadable checkpoint"),
-        (["optimizer.lr=-1"], "error: optimizer.lr=-1"),
-        (["hydra.run.dir=bad.h5/run"], "error: hydra.run.dir=bad.h5/run: "),
+        (["data=h5", "data.train_path=missing.h5"], "error: missing.h5: no such file", True),
+        (["data=h5", "data.train_path=bad.h5"], "error: bad.h5: cannot be read as HDF5", False),
+        (["ckpt_path=/nowhere/x.ckpt"], "error: ckpt_path=/nowhere/x.ckpt: no such file", False),
+        (["ckpt_path=bad.h5"], "error: bad.h5: not a loadable checkpoint", False),
+        (["optimizer.lr=-1"], "error: optimizer.lr=-1", False),
+        (["hydra.run.dir=bad.h5/run"], "error: hydra.run.dir=bad.h5/run: ", False),
     ],
 )
-def test_bad_input_exits_nonzero_with_one_line_and_keeps_earlier_checkpoints(tmp_path, env, args, message):
+def test_bad_input_exits_nonzero_with_one_line_and_keeps_earlier_checkpoints(
+    tmp_path, env, run_main, args, message, in_subprocess
+):
     (tmp_path / "bad.h5").write_text("not a tile file")
     run = tmp_path / "outputs" / "exp1" / "checkpoints"
     run.mkdir(parents=True)
     (run / "last.ckpt").write_bytes(b"earlier run")
-    res = run_cli("glint_lightning.train", *FAST_H5, "hydra.run.dir=outputs/exp1", *args, cwd=tmp_path, env=env)
-    assert res.returncode == 2
-    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(message), res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    argv = [*FAST_H5, "hydra.run.dir=outputs/exp1", *args]
+    if in_subprocess:
+        res = run_cli("glint_lightning.train", *argv, cwd=tmp_path, env=env)
+        code, stderr = res.returncode, res.stderr
+    else:
+        code, _, stderr = run_main(main, *argv, cwd=tmp_path, env=env)
+    assert code == 2
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), stderr[-2000:]
+    assert "Traceback" not in stderr
     assert (run / "last.ckpt").read_bytes() == b"earlier run"
     assert sorted(p.name for p in run.iterdir()) == ["last.ckpt"]
 
 
-def test_unknown_config_option_is_refused_by_hydra(tmp_path, env):
-    res = run_cli("glint_lightning.train", "model=resnet_unet", cwd=tmp_path, env=env)
-    assert res.returncode != 0
-    assert "Could not find 'model/resnet_unet'" in res.stderr and "unet" in res.stderr
+def test_unknown_config_option_is_refused_by_hydra(tmp_path, env, run_main):
+    code, _, stderr = run_main(main, "model=resnet_unet", cwd=tmp_path, env=env)
+    assert code != 0
+    assert "Could not find 'model/resnet_unet'" in stderr and "unet" in stderr
 
 
-def test_cfg_job_prints_the_composed_config(tmp_path, env):
-    res = run_cli("glint_lightning.train", "loss=focal", "--cfg", "job", cwd=tmp_path, env=env)
-    assert res.returncode == 0, res.stderr
-    cfg = yaml.safe_load(res.stdout)
+def test_cfg_job_prints_the_composed_config(tmp_path, env, run_main):
+    code, stdout, stderr = run_main(main, "loss=focal", "--cfg", "job", cwd=tmp_path, env=env)
+    assert code == 0, stderr
+    cfg = yaml.safe_load(stdout)
     assert cfg["loss"]["_target_"] == "glint_lightning.losses.FocalLoss"
     assert {"data", "model", "optimizer", "scheduler", "callbacks", "trainer", "logger"} <= set(cfg)
