@@ -19,7 +19,7 @@ from torchmetrics.classification import BinaryAveragePrecision
 
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.ckpt_info import describe, format_info
-from glint_lightning.cv import check_coverage, find_fold_runs
+from glint_lightning.cv import check_coverage, cross_validate, find_fold_runs, format_table
 from glint_lightning.data import GlintDataModule
 from glint_lightning.eval import build_data, evaluate
 from glint_lightning.inference.calibration import write_threshold
@@ -237,9 +237,11 @@ def test_three_fold_cross_validation_end_to_end(tmp_path, cache_dir):
     args += ["trainer.max_epochs=1", f"hydra.sweep.dir={sweep}", f"paths.outputs_root={tmp_path}"]
     res = run_cli("glint_lightning.train", "-m", "experiment=cv", *args, cwd=tmp_path, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli("glint_lightning.cv", f"dir={sweep}", "device=cpu", cwd=tmp_path, env=env, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "out-of-fold:      48 tiles, each predicted once" in res.stdout and "test ensemble" in res.stdout
+    # glint-cv and glint-eval in this process (their command lines are tested above and in test_evaluation.py)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("cv", overrides=[f"dir={sweep}", "device=cpu"])
+    table = format_table(cross_validate(cfg))
+    assert "out-of-fold:      48 tiles, each predicted once" in table and "test ensemble" in table
 
     summary = json.loads((sweep / "cv.json").read_text())
     assert summary["folds"] == 3 and summary["oof"] == {**summary["oof"], "tiles": 48, "each_once": True}
@@ -257,9 +259,9 @@ def test_three_fold_cross_validation_end_to_end(tmp_path, cache_dir):
     spec = read_ensemble(sweep / "cv.ensemble.json")
     assert len(spec.members) == 3 and spec.threshold == summary["threshold"]
     assert spec.postprocess.as_dict() == summary["postprocess"]
-    res = run_cli("glint_lightning.eval", f"ckpt_path={sweep / 'cv.ensemble.json'}", "tta=flip", "device=cpu",
-                  cwd=tmp_path, env=env)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=[f"ckpt_path={sweep / 'cv.ensemble.json'}", "tta=flip", "device=cpu"])
+    assert evaluate(cfg)["tiles"] == 16
     assert json.loads((sweep / "eval" / "cv-test" / "metrics.json").read_text())["tiles"] == 16
 
 

@@ -15,7 +15,7 @@ def test_demo_training_reaches_useful_iou(make_cfg, tmp_path):
         "data.demo.n_train=768",
         "data.demo.n_val=128",
         "data.demo.n_test=128",
-        "data.demo.tile=64",
+        "data.demo.tile=32",  # 64 px tiles reach the same scores (0.67 / 0.68 against 0.64 / 0.69) in 2-3x the time
         "data.batch_size=16",
         "optimizer.lr=3e-3",
         "trainer.max_epochs=4",

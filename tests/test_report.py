@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import optuna
 import pytest
@@ -67,26 +69,41 @@ def test_report_writes_the_table_into_the_sweep_folder_and_nothing_else(tmp_path
     assert _leftovers(tmp_path, "outputs") == [], "a multirun keeps Hydra's bookkeeping out of the cwd"
 
 
+BAD_OPTIONS = {  # arguments: what the one line says
+    ("dri=x",): "error: Could not override 'dri'",
+    (): "error: report: pass the sweep folder, e.g. dir=",
+    ("dir=nowhere",): "error: dir=nowhere: no such folder",
+    ("dir=.", "metric=val/iuo"): "error: dir=.: no job folders",
+}
+CFG_JOB = ("--cfg", "job", "dir=some/sweep")
+
+
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, ...], tuple[CompletedProcess, Path]]:
+    """glint-report's answer to each of BAD_OPTIONS and to CFG_JOB, each run from an empty folder of its own, a few
+    processes at a time (each is mostly its imports); with that folder."""
+
+    def answer(args: tuple[str, ...]) -> tuple[CompletedProcess, Path]:
+        cwd = tmp_path_factory.mktemp("report")
+        return run_cli("glint_lightning.report", *args, cwd=cwd), cwd
+
+    cases = [*BAD_OPTIONS, CFG_JOB]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(cases, pool.map(answer, cases)))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["dri=x"], "error: Could not override 'dri'"),
-        ([], "error: report: pass the sweep folder, e.g. dir="),
-        (["dir=nowhere"], "error: dir=nowhere: no such folder"),
-        (["dir=.", "metric=val/iuo"], "error: dir=.: no job folders"),
-    ],
-)
-def test_bad_options_get_one_line_and_exit_2(tmp_path, args, message):
-    res = run_cli("glint_lightning.report", *args, cwd=tmp_path)
+@pytest.mark.parametrize("args", BAD_OPTIONS)
+def test_bad_options_get_one_line_and_exit_2(args, answers):
+    res, cwd = answers[args]
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [res.stderr.strip()], res.stderr[-3000:]
-    assert res.stderr.startswith(message)
-    assert _leftovers(tmp_path) == []
+    assert res.stderr.startswith(BAD_OPTIONS[args])
+    assert _leftovers(cwd) == []
 
 
 @pytest.mark.slow
-def test_cfg_job_prints_the_options(tmp_path):
-    res = run_cli("glint_lightning.report", "--cfg", "job", "dir=some/sweep", cwd=tmp_path)
+def test_cfg_job_prints_the_options(answers):
+    res, _ = answers[CFG_JOB]
     assert res.returncode == 0, res.stderr[-3000:]
     assert yaml.safe_load(res.stdout) == {"dir": "some/sweep", "metric": None}
 

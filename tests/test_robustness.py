@@ -10,8 +10,8 @@ import glint_lightning.checkpoints.io as checkpoint_io
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.models.pretrained import read_state_dict
 from glint_lightning.train import train
-from glint_lightning.utils.errors import GlintError
-from tests.helpers import TINY, run_cli
+from glint_lightning.utils.errors import GlintError, exit_on_user_error
+from tests.helpers import run_cli
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(make_cfg, tmp_path, monkeypatch):
@@ -65,7 +65,6 @@ def test_files_that_need_arbitrary_unpickling_are_refused_without_running_them(t
     assert marker.exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, line",
     [
@@ -90,15 +89,17 @@ def test_files_that_need_arbitrary_unpickling_are_refused_without_running_them(t
     ],
     ids=["init", "upsample", "out_channels", "unknown-key", "strict", "max_epochs"],
 )
-def test_user_mistakes_reach_the_user_as_one_line(tmp_path, cache_dir, trained_ckpt, args, line):
+def test_user_mistakes_reach_the_user_as_one_line(make_cfg, tmp_path, trained_ckpt, args, line, capsys, monkeypatch):
+    """glint-train's task under the app's error handling, in this process (the console script's own exit 2 and
+    one line: tests/test_console_scripts.py)."""
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     weights = tmp_path / "other.pth"
     torch.save({"inc.0.weight": torch.zeros(3, 1, 3, 3)}, weights)
     args = [a.format(weights=weights, ckpt=trained_ckpt) for a in args]
-    res = run_cli(
-        "glint_lightning.train", *TINY, "test=false", f"hydra.run.dir={tmp_path / 'run'}", *args, cwd=tmp_path
-    )
-    assert res.returncode == 2, res.stderr[-3000:]
-    assert "Traceback" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith(
-        line.format(ckpt=trained_ckpt)
-    )
+    cfg = make_cfg("test=false", *args)
+    with pytest.raises(SystemExit) as exit_, exit_on_user_error():
+        train(cfg)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(line.format(ckpt=trained_ckpt))
     assert not (tmp_path / "run" / "checkpoints").exists()

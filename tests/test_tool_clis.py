@@ -4,13 +4,16 @@
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import h5py
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from glint_lightning.predict import predict_file
 from glint_lightning.utils.config_dir import CONFIG_DIR
 from tests.helpers import run_cli
 
@@ -27,20 +30,32 @@ def _options(config: str) -> list[str]:
         return list(compose(config))
 
 
+@pytest.fixture(scope="module")
+def answers(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[CompletedProcess, CompletedProcess, Path]]:
+    """Each tool's `--help` and its answer to a typo'd key (`sed=1`), run from an empty folder of its own, a few
+    processes at a time (each is mostly its imports); with that folder."""
+
+    def answer(module: str) -> tuple[CompletedProcess, CompletedProcess, Path]:
+        cwd = tmp_path_factory.mktemp(module.rsplit(".", 1)[1])
+        return run_cli(module, "--help", cwd=cwd), run_cli(module, "sed=1", cwd=cwd), cwd
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        return dict(zip(TOOLS, pool.map(answer, TOOLS)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("module", TOOLS)
-def test_help_names_every_option_and_a_typo_is_one_line(module, tmp_path):
+def test_help_names_every_option_and_a_typo_is_one_line(module, answers):
     config, script = TOOLS[module]
-    res = run_cli(module, "--help", cwd=tmp_path)
+    res, typo, cwd = answers[module]
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.startswith(f"{script}: ") and f"Example:\n  {script} " in res.stdout
     for key in _options(config):
         assert f"\n  {key}: " in res.stdout, f"--help does not name {key}"
     assert "${glint_options" not in res.stdout and "Powered by Hydra" not in res.stdout
-    typo = run_cli(module, "sed=1", cwd=tmp_path)
     assert typo.returncode == 2 and typo.stderr.count("\n") == 1, typo.stderr
     assert typo.stderr.startswith("error: Could not override 'sed'")
-    assert not list(tmp_path.iterdir())
+    assert not list(cwd.iterdir())
 
 
 def test_the_console_script_runs(tmp_path):
@@ -49,14 +64,17 @@ def test_the_console_script_runs(tmp_path):
         script = shutil.which("glint-make-demo")
     if script is None:
         pytest.skip("glint-make-demo is not installed")
-    res = subprocess.run([str(script), "out=demo", "n_train=2", "n_val=0", "n_test=0", "tile=16", "--cfg", "job"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "out: demo\nn_train: 2\nn_val: 0\n" in res.stdout and not list(tmp_path.iterdir())
-    res = subprocess.run([str(script), "out=demo", "n_train=2", "n_val=0", "n_test=0", "tile=16"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert res.returncode == 0 and res.stdout == "train: demo/train.h5\n", res.stderr[-2000:]
-    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+    args = [str(script), "out=demo", "n_train=2", "n_val=0", "n_test=0", "tile=16"]
+    shown, made = tmp_path / "shown", tmp_path / "made"  # side by side: each process is mostly its imports
+    for cwd in (shown, made):
+        cwd.mkdir()
+    procs = [subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, cwd in (([*args, "--cfg", "job"], shown), (args, made))]  # fmt: skip
+    (out, err), (made_out, made_err) = (proc.communicate(timeout=120) for proc in procs)
+    assert procs[0].returncode == 0, err[-2000:]
+    assert "out: demo\nn_train: 2\nn_val: 0\n" in out and not list(shown.iterdir())
+    assert procs[1].returncode == 0 and made_out == "train: demo/train.h5\n", made_err[-2000:]
+    assert [p.name for p in made.iterdir()] == ["demo"]
 
 
 @pytest.mark.slow
@@ -76,7 +94,6 @@ def test_a_run_and_a_sweep_leave_only_their_outputs_in_the_cwd(trained_ckpt, tmp
         assert low["mask"][:].sum() >= high["mask"][:].sum()
 
 
-@pytest.mark.slow
 def test_predict_with_tta_averages_flipped_predictions(trained_ckpt, tmp_path):
     """tta=flip in predict: the written probabilities are the mean of the four flipped frames' predictions."""
     frame = np.random.default_rng(1).uniform(600, 1400, (1, 48, 48)).astype(np.float32)
@@ -87,9 +104,10 @@ def test_predict_with_tta_averages_flipped_predictions(trained_ckpt, tmp_path):
         with h5py.File(tmp_path / "in.h5", "w") as f:
             f["frames"] = np.ascontiguousarray(source)
         out = f"{tta}_{len(probs)}.h5"
-        res = run_cli("glint_lightning.predict", f"ckpt_path={trained_ckpt}", "input=in.h5", f"output={out}",
-                      "mode=full", f"tta={tta}", cwd=tmp_path)  # fmt: skip
-        assert res.returncode == 0, res.stderr[-2000:]
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose("predict", overrides=[f"ckpt_path={trained_ckpt}", f"input={tmp_path / 'in.h5'}",
+                                                f"output={tmp_path / out}", "mode=full", f"tta={tta}"])  # fmt: skip
+        predict_file(cfg)
         with h5py.File(tmp_path / out) as f:
             probs[len(probs)] = f["prob"][0].astype(np.float32)
     plain, mirrored, flip = probs[0], probs[1][:, ::-1], probs[2]
