@@ -7,11 +7,11 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from glint_lightning.module import GlintModule
-from glint_lightning.train import build_module, train
+from glint_lightning.train import build_module, main, train
 from glint_lightning.utils.errors import GlintError
-from tests.helpers import run_cli
 
-DEEPLAB = ["model=deeplabv3plus", "test=false"]
+SHORT = "+trainer.limit_train_batches=2"  # two steps an epoch: enough for every behaviour here
+DEEPLAB = ["model=deeplabv3plus", "test=false", SHORT]
 
 
 def _state(module):
@@ -118,12 +118,13 @@ def test_other_models_train(make_cfg, tmp_path, model):
     if model == "smp":
         pytest.importorskip("segmentation_models_pytorch")
     extra = ["model.arch=UnetPlusPlus"] if model == "smp" else ["model.variant=16s", "model.aux=true"]
-    assert train(make_cfg(f"model={model}", "trainer.max_epochs=1", *extra)) is not None
+    assert train(make_cfg(f"model={model}", "trainer.max_epochs=1", SHORT, *extra)) is not None
     assert _last(tmp_path / "run")["hyper_parameters"]["model"]["_target_"].endswith(("FCN", "SMPModel"))
 
 
 @pytest.mark.slow
-def test_multirun_over_the_three_models(tmp_path, cache_dir):
+def test_multirun_over_the_three_models(tmp_path, cache_dir, run_main):
+    """In this process (test_cli sweeps in a subprocess): the three models build and train under one sweep."""
     args = [
         "-m",
         "model=unet,deeplabv3plus,fcn",
@@ -133,13 +134,14 @@ def test_multirun_over_the_three_models(tmp_path, cache_dir):
         "data.demo.n_test=16",
         "data.demo.tile=32",
         "trainer.max_epochs=1",
+        SHORT,
         "trainer.accelerator=cpu",
         "trainer.num_sanity_val_steps=0",
         "callbacks.progress.refresh_rate=0",
         "test=false",
     ]
-    res = run_cli("glint_lightning.train", *args, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)})
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, _, stderr = run_main(main, *args, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)})
+    assert code == 0, stderr[-3000:]
     targets = []
     for job in sorted(p for p in (tmp_path / "outputs" / "multirun").glob("*/*/*") if p.is_dir()):
         targets.append(_last(job)["hyper_parameters"]["model"]["_target_"].rsplit(".", 1)[1])
