@@ -10,19 +10,20 @@ import pytest
 
 from glint_lightning.train import main as train_main
 from glint_lightning.train import train
-from tests.helpers import TINY, run_cli
+from tests.helpers import TINY
 
 # TINY minus its epoch count: each debug option sets its own.
 SMALL = [a for a in TINY if not a.startswith("trainer.max_epochs")]
 
 
-def _run(debug: str, tmp_path: Path, cache_dir: Path, *extra: str) -> tuple[Path, dict]:
-    res = run_cli(
-        "glint_lightning.train", f"debug={debug}", *SMALL, *extra, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)}
+def _run(run_main, debug: str, tmp_path: Path, cache_dir: Path, *extra: str) -> tuple[Path, dict]:
+    """The command line through the console script's main() (test_cli runs it in a subprocess)."""
+    code, stdout, stderr = run_main(
+        train_main, f"debug={debug}", *SMALL, *extra, cwd=tmp_path, env={"GLINT_CACHE_DIR": str(cache_dir)}
     )
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert code == 0, stderr[-3000:]
     (run,) = (p.parent for p in tmp_path.glob("outputs/debug/*/*/metrics.json"))  # apart from real runs
-    return run, {"stdout": res.stdout, "stderr": res.stderr, **json.loads((run / "metrics.json").read_text())}
+    return run, {"stdout": stdout, "stderr": stderr, **json.loads((run / "metrics.json").read_text())}
 
 
 def test_debug_options_compose_deterministic_cpu_runs(make_cfg):
@@ -48,10 +49,10 @@ def test_unknown_debug_option_is_refused_in_one_line(tmp_path, monkeypatch, caps
 
 
 @pytest.mark.slow
-def test_debug_default_is_one_short_epoch_with_checkpoints_apart_from_real_runs(tmp_path, cache_dir):
-    """The command line (a subprocess): the run lands under outputs/debug/, where ckpt_path=last of real runs does
-    not look; the other options are checked in-process below."""
-    run, out = _run("default", tmp_path, cache_dir)
+def test_debug_default_is_one_short_epoch_with_checkpoints_apart_from_real_runs(tmp_path, cache_dir, run_main):
+    """The command line: the run lands under outputs/debug/, where ckpt_path=last of real runs does not look; the
+    other options are checked through train() below."""
+    run, out = _run(run_main, "default", tmp_path, cache_dir)
     assert run.parent.parent == tmp_path / "outputs" / "debug"
     assert out["epochs"] == 1 and out["global_step"] == 4, "limit_train_batches=4 of the 6 batches"
     assert (run / "checkpoints" / "last.ckpt").is_file() and out["best_checkpoint"]
