@@ -7,6 +7,7 @@ import csv
 import inspect
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import h5py
@@ -206,9 +207,12 @@ def test_glint_cv_refuses_missing_or_repeated_folds_in_one_line(tmp_path):
     _fake_run(sweep, 5, None, None)
     with pytest.raises(GlintError, match="5: not a cross-validation fold run"):
         find_fold_runs(sweep)
-    res = run_cli("glint_lightning.cv", f"dir={sweep}", cwd=tmp_path)
-    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "not a cross-validation fold run" in res.stderr
-    res = run_cli("glint_lightning.cv", "--help", cwd=tmp_path)
+    with ThreadPoolExecutor(max_workers=2) as pool:  # side by side: each process is mostly its imports
+        refused, res = pool.map(
+            lambda args: run_cli("glint_lightning.cv", *args, cwd=tmp_path), [[f"dir={sweep}"], ["--help"]]
+        )
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "not a cross-validation fold run" in refused.stderr
     assert res.returncode == 0 and res.stdout.startswith("glint-cv: ")
     for key in _cfg("cv"):
         assert f"\n  {key}: " in res.stdout, f"--help does not name {key}"

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -198,28 +199,34 @@ def test_eval_command_line(tmp_path, trained_ckpt, cache_dir):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {"GLINT_CACHE_DIR": str(cache_dir)}
-    shown = run_cli("glint_lightning.eval", "--help", cwd=cwd)
+    first, second = tmp_path / "run" / "checkpoints" / "last.ckpt", tmp_path / "copy" / "checkpoints" / "second.ckpt"
+    for copy in (first, second):  # the shared run's folder stays as it is
+        copy.parent.mkdir(parents=True)
+        copy.write_bytes(trained_ckpt.read_bytes())
+    with ThreadPoolExecutor(max_workers=3) as pool:  # side by side: each process is mostly its imports
+        shown, typo, both = pool.map(
+            lambda args: run_cli("glint_lightning.eval", *args, cwd=cwd, env=env),
+            [
+                ["--help"],
+                [f"ckpt_path={trained_ckpt}", "data.tset_path=x.h5"],
+                # -m: one job per checkpoint, each writing where its options say; nothing is left in the cwd
+                ["-m", f"ckpt_path={first},{second}", "split=val"],
+            ],
+        )
     assert shown.returncode == 0, shown.stderr[-2000:]
     for option in ("glint-eval", "ckpt_path", "split", "iou_threshold", "calibrate", "data.* ", "test_path"):
         assert option in shown.stdout, option
 
-    typo = run_cli("glint_lightning.eval", f"ckpt_path={trained_ckpt}", "data.tset_path=x.h5", cwd=cwd)
     assert typo.returncode == 2 and typo.stderr.count("\n") == 1 and "tset_path" in typo.stderr, typo.stderr
     # what the app turns into one `error:` line and exit 2 (tests/test_console_scripts.py runs that path)
     with pytest.raises(GlintError, match=r"^nope\.ckpt: no such file"):
         evaluate(_eval_cfg("ckpt_path=nope.ckpt", f"out={tmp_path / 'nope'}"))
     with pytest.raises(GlintError, match="no test split"):
         evaluate(_eval_cfg(f"ckpt_path={trained_ckpt}", "data.demo.n_test=0", f"out={tmp_path / 'no_test'}"))
-
-    # -m: one job per checkpoint, each writing where its options say; nothing is left in the working directory
-    second = tmp_path / "copy" / "checkpoints" / "second.ckpt"
-    second.parent.mkdir(parents=True)
-    second.write_bytes(trained_ckpt.read_bytes())
-    both = run_cli("glint_lightning.eval", "-m", f"ckpt_path={trained_ckpt},{second}", "split=val", cwd=cwd, env=env)
     assert both.returncode == 0, both.stderr[-2000:]
     assert both.stdout.count("scored:     val split, 16 tiles of ") == 2, both.stdout
     assert (tmp_path / "copy" / "eval" / "second-val" / "metrics.json").is_file()
-    assert (trained_ckpt.parent.parent / "eval" / f"{trained_ckpt.stem}-val" / "pr_curve.png").is_file()
+    assert (tmp_path / "run" / "eval" / "last-val" / "pr_curve.png").is_file()
     assert list(cwd.iterdir()) == []
 
 

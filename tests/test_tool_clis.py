@@ -79,17 +79,22 @@ def test_the_console_script_runs(tmp_path):
 
 @pytest.mark.slow
 def test_a_run_and_a_sweep_leave_only_their_outputs_in_the_cwd(trained_ckpt, tmp_path):
-    with h5py.File(tmp_path / "frames.h5", "w") as f:
-        f["frames"] = np.random.default_rng(0).uniform(600, 1400, (1, 40, 50)).astype(np.float32)
+    one, many = tmp_path / "one", tmp_path / "many"  # side by side: each process is mostly its imports
+    for cwd in (one, many):
+        cwd.mkdir()
+        with h5py.File(cwd / "frames.h5", "w") as f:
+            f["frames"] = np.random.default_rng(0).uniform(600, 1400, (1, 40, 50)).astype(np.float32)
     args = [f"ckpt_path={trained_ckpt}", "input=frames.h5"]
-    res = run_cli("glint_lightning.predict", *args, "output=one.h5", cwd=tmp_path)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        run = pool.submit(run_cli, "glint_lightning.predict", *args, "output=one.h5", cwd=one)
+        sweep = pool.submit(run_cli, "glint_lightning.predict", "-m", *args, "threshold=0.3,0.5",
+                            "output=out_${threshold}.h5", cwd=many).result()  # fmt: skip
+        res = run.result()
     assert res.returncode == 0, res.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames.h5", "one.h5"]
-    sweep = run_cli("glint_lightning.predict", "-m", *args, "threshold=0.3,0.5", "output=out_${threshold}.h5",
-                    cwd=tmp_path)  # fmt: skip
+    assert sorted(p.name for p in one.iterdir()) == ["frames.h5", "one.h5"]
     assert sweep.returncode == 0, sweep.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["frames.h5", "one.h5", "out_0.3.h5", "out_0.5.h5"]
-    with h5py.File(tmp_path / "out_0.3.h5") as low, h5py.File(tmp_path / "out_0.5.h5") as high:
+    assert sorted(p.name for p in many.iterdir()) == ["frames.h5", "out_0.3.h5", "out_0.5.h5"]
+    with h5py.File(many / "out_0.3.h5") as low, h5py.File(many / "out_0.5.h5") as high:
         assert low.attrs["threshold"] == 0.3 and high.attrs["threshold"] == 0.5
         assert low["mask"][:].sum() >= high["mask"][:].sum()
 
