@@ -43,13 +43,19 @@ def test_every_group_is_covered():
     assert {"data", "model", "loss", "optimizer", "scheduler", "callbacks", "trainer", "logger"} <= groups
 
 
-SLOW = {("logger", "mlflow")}  # its client creates and migrates an SQLite store (seconds); test_tracking uses it too
+# Built by another test that checks more than that it builds: logger=mlflow's client creates and migrates an SQLite
+# store (seconds); test_tracking trains with it and reads back the params and metrics it recorded.
+ELSEWHERE = {("logger", "mlflow"): ("test_tracking.py", '"logger=[csv,mlflow]"')}  # (test file, its override)
+
+
+def test_options_built_elsewhere_exist_and_are_used_there():
+    for option, (test_file, override) in ELSEWHERE.items():
+        assert option in _options()
+        assert override in (Path(__file__).parent / test_file).read_text(), f"{test_file} no longer builds {option}"
 
 
 @pytest.mark.parametrize(
-    ("group", "option"),
-    [pytest.param(g, o, marks=pytest.mark.slow) if (g, o) in SLOW else (g, o) for g, o in _options()],
-    ids=lambda v: str(v),
+    ("group", "option"), [(g, o) for g, o in _options() if (g, o) not in ELSEWHERE], ids=lambda v: str(v)
 )
 def test_option_composes_and_builds(group, option, tmp_path):
     if group in OVERLAYS:
