@@ -13,9 +13,10 @@ import time
 import pytest
 
 from glint_lightning.runs.run_lock import LOCK_NAME, RunDirLocked, RunLock, try_lock
+from glint_lightning.train import main as train_main
 from glint_lightning.train import train
 from glint_lightning.utils.errors import GlintError
-from tests.helpers import REPO, TINY, run_cli
+from tests.helpers import REPO, TINY
 
 
 def _hold(run_dir, record="", **owner):
@@ -118,7 +119,8 @@ def test_a_refused_resume_prints_only_its_refusal(make_cfg, tmp_path, glint_log)
 
 
 @pytest.mark.slow
-def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_path, cache_dir):
+def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_path, cache_dir, run_main):
+    """The first train is another process; the second is the console script's main() in this one."""
     run_dir, ready, go = tmp_path / "run", tmp_path / "ready", tmp_path / "go"
     args = [*TINY, "trainer.max_epochs=1", "test=false", f"hydra.run.dir={run_dir}"]
     gate = [
@@ -145,12 +147,12 @@ def test_a_second_train_on_a_live_runs_dir_is_refused_and_the_first_goes_on(tmp_
         while not ready.exists():
             assert first.poll() is None and time.monotonic() < end, first.communicate()[1][-3000:]
             time.sleep(0.1)
-        second = run_cli("glint_lightning.train", *args, "ckpt_path=last", cwd=tmp_path, env=env)
+        code, _, second_err = run_main(train_main, *args, "ckpt_path=last", cwd=tmp_path, env=env)
     finally:
         go.touch()
         out, err = first.communicate(timeout=300)
-    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
-    (refusal,) = second.stderr.strip().splitlines()  # only the refusal: no "resuming this run in place from ..."
+    assert code == 2 and "Traceback" not in second_err, second_err[-3000:]
+    (refusal,) = second_err.strip().splitlines()  # only the refusal: no "resuming this run in place from ..."
     assert refusal.startswith(
         f"error: {run_dir}: another glint train is writing to this run dir (pid {first.pid} on "
         f"{socket.gethostname()}, started "
