@@ -1,5 +1,6 @@
-"""`python -m glint_lightning.train ...` in a subprocess, exactly as a user runs it; all bad-input cases but one and
-the --cfg / unknown-option checks call its main() in this process: the same command line, without the imports."""
+"""`python -m glint_lightning.train ...` as a user runs it: a first run, a sweep and one bad input in a subprocess;
+the resume, the sweep's report, the other bad inputs and the --cfg / unknown-option checks through the console
+scripts' main() in this process (the same command lines, without a subprocess's imports)."""
 
 import csv
 import json
@@ -7,10 +8,17 @@ import json
 import pytest
 import yaml
 
+from glint_lightning.report import main as report_main
 from glint_lightning.train import main
 from tests.helpers import TINY, run_cli
 
-FAST = [*TINY, "trainer.max_epochs=1", "test=false", "callbacks.prediction_images.every_n_epochs=1"]
+FAST = [
+    *TINY,
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "test=false",
+    "callbacks.prediction_images.every_n_epochs=1",
+]
 FAST_H5 = [arg for arg in FAST if not arg.startswith("data.demo.")]  # data=h5 has no demo block
 
 
@@ -19,7 +27,7 @@ def env(cache_dir):
     return {"GLINT_CACHE_DIR": str(cache_dir)}
 
 
-def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path, env):
+def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path, env, run_main):
     res = run_cli("glint_lightning.train", "-m", "loss=focal,bce,hybrid", *FAST, cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "outputs" / "multirun").glob("*/*/*") if p.is_dir())
@@ -32,8 +40,8 @@ def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path, env):
     assert losses == [f"glint_lightning.losses.{n}" for n in ("FocalLoss", "BCELoss", "HybridLoss")]
 
     sweep = jobs[0].parent
-    res = run_cli("glint_lightning.report", f"dir={sweep}", cwd=tmp_path, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    code, stdout, stderr = run_main(report_main, f"dir={sweep}", cwd=tmp_path, env=env)  # test_report: subprocesses
+    assert code == 0, stderr[-3000:]
     with open(sweep / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["overrides"] for r in rows) == ["loss=bce", "loss=focal", "loss=hybrid"]
@@ -41,11 +49,11 @@ def test_multirun_sweep_runs_each_job_in_its_own_dir(tmp_path, env):
     assert scores == sorted(scores, reverse=True), "best first"
     best = json.loads((sweep / rows[0]["job"] / "metrics.json").read_text())
     assert scores[0] == pytest.approx(best["best_score"]) and rows[0]["best_checkpoint"] == best["best_checkpoint"]
-    assert "| job | overrides | status | val/iou |" in res.stdout
+    assert "| job | overrides | status | val/iou |" in stdout
     assert (sweep / "report.png").read_bytes()[:4] == b"\x89PNG" and (sweep / "report.md").is_file()
 
 
-def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env):
+def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env, run_main):
     res = run_cli("glint_lightning.train", *FAST, "hydra.run.dir=outputs/exp1", cwd=tmp_path, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     run = tmp_path / "outputs" / "exp1"
@@ -57,17 +65,12 @@ def test_single_run_prints_where_things_went_and_resumes_in_place(tmp_path, env)
     ):
         assert line in res.stdout
     assert list((run / "tensorboard").glob("events.*"))
-    res = run_cli(
-        "glint_lightning.train",
-        *FAST,
-        "trainer.max_epochs=2",
-        "hydra.run.dir=outputs/exp1",
-        "ckpt_path=last",
-        cwd=tmp_path,
-        env=env,
+    # the resume in this process (the same command line; the subprocess above is the user's first run)
+    code, _, stderr = run_main(
+        main, *FAST, "trainer.max_epochs=2", "hydra.run.dir=outputs/exp1", "ckpt_path=last", cwd=tmp_path, env=env
     )
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert f"resuming this run in place from {run}/checkpoints/last.ckpt" in res.stderr, "logged to the console"
+    assert code == 0, stderr[-3000:]
+    assert f"resuming this run in place from {run}/checkpoints/last.ckpt" in stderr, "logged to the console"
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
 
 
