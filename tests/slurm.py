@@ -22,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from hydra.core.hydra_config import HydraConfig
 
 from tests.helpers import RankReport
 
@@ -216,16 +217,27 @@ class HoldAtStep(L.Callback):
     """Holds training after optimizer step `step` until SIGTERM reaches Lightning (what a pre-emption sends), having
     written this SLURM job's id to `ready`; once per `ready` file, so the requeued run goes straight on. Only global
     rank `rank` holds (under DDP the others wait for it in their next collective), and with `only_loss` only runs
-    whose loss class has that name (one job of a sweep)."""
+    whose loss class has that name (one job of a sweep); with `only_job` only the sweep job of that Hydra job number
+    (an Optuna trial's number)."""
 
-    def __init__(self, step: int, ready: str, only_loss: str = "", rank: int = 0, timeout_s: float = 120) -> None:
+    def __init__(
+        self,
+        step: int,
+        ready: str,
+        only_loss: str = "",
+        rank: int = 0,
+        timeout_s: float = 120,
+        only_job: int | None = None,
+    ) -> None:
         self.step, self.ready, self.only_loss, self.rank = step, Path(ready), only_loss, rank
-        self.timeout_s = timeout_s
+        self.timeout_s, self.only_job = timeout_s, only_job
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         if trainer.global_step != self.step or trainer.global_rank != self.rank or self.ready.exists():
             return
         if self.only_loss and not pl_module.hparams["loss"]["_target_"].endswith(f".{self.only_loss}"):
+            return
+        if self.only_job is not None and HydraConfig.get().job.num != self.only_job:
             return
         array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
         self.ready.write_text(f"{array}_{task}" if array else os.environ.get("SLURM_JOB_ID", ""))

@@ -1,5 +1,6 @@
-"""SLURM for real: a local one-node cluster (tests/slurm.py) runs a submitit sweep, jobs that are pre-empted or
-signalled before their time limit and resume themselves to the uninterrupted weights, and 2-task DDP under srun.
+"""SLURM for real: a local one-node cluster (tests/slurm.py) runs a submitit sweep and an Optuna sweep through it,
+jobs that are pre-empted or signalled before their time limit and resume themselves to the uninterrupted weights,
+and 2-task DDP under srun.
 The pieces (run dir per job, auto-resume, refusal of a finished run) also have unit tests that need no cluster."""
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import optuna
 import pytest
 import torch
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
 from glint_lightning.runs import slurm
+from glint_lightning.runs.optuna_sweep import CUT_SHORT_ATTR, JOB_NUM_ATTR, SWEEP_DIR_ATTR
 from glint_lightning.runs.resume import resolve_resume
 from glint_lightning.utils.errors import EXIT_USER_ERROR
 from tests.helpers import REPO, TINY, run_cli
@@ -283,6 +287,74 @@ def test_submitit_sweep_runs_each_job_on_slurm_and_requeued_jobs_resume_in_their
     cells = [[c.strip() for c in line.split("|")] for line in res.stdout.splitlines() if "| loss=" in line]
     rows = {c[2]: c[3] for c in cells}
     assert rows == {"loss=focal": "done", "loss=dice": "failed or unfinished", "loss=tversky": "done"}, res.stdout
+
+
+@pytest.mark.slow
+def test_optuna_sweep_on_slurm_runs_trials_as_array_tasks_and_a_preempted_trial_resumes_and_counts_once(
+    slurm_cluster, job_env, tmp_path
+):
+    launcher = [
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.partition=debug",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+    ]
+    study_args = [
+        "hparams_search=optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_jobs=2",  # batches of 2 trials: trials 0 and 1, then trial 2 (asked once 0 and 1 are told)
+        'hydra.sweeper.params={optimizer.lr: "tag(log, interval(1e-3, 1e-2))"}',
+    ]
+    ready = tmp_path / "ready"
+    hold = [*_hold(ready), "+callbacks.hold.only_job=0"]  # trial 0 holds after step 8 (epoch 1 of 2) to be pre-empted
+    args = [sys.executable, "-m", "glint_lightning.train", *study_args, *launcher, *TINY, "test=false", TRUST, *hold]
+    with open(tmp_path / "sweep.out", "w") as out, open(tmp_path / "sweep.err", "w") as err:
+        sweep = subprocess.Popen(args, cwd=tmp_path, env=job_env, stdout=out, stderr=err)
+    try:
+        end = time.monotonic() + 180
+        while not (ready.is_file() and ready.read_text()) and time.monotonic() < end:
+            assert sweep.poll() is None, (tmp_path / "sweep.err").read_text()[-3000:]
+            time.sleep(0.2)
+        assert ready.is_file(), "trial 0 never reached step 8"
+        held = ready.read_text()  # <array job>_0
+        slurm_cluster.run("scontrol", "requeue", held)  # a pre-emption: SIGTERM now, queued again
+        sweep.wait(timeout=240)
+    finally:
+        if sweep.poll() is None:
+            sweep.send_signal(signal.SIGINT)
+            sweep.wait(timeout=30)
+    sweep_log = (tmp_path / "sweep.out").read_text() + (tmp_path / "sweep.err").read_text()
+    assert sweep.returncode == 0, sweep_log[-3000:]
+    assert "marked failed" not in sweep_log, "no trial was cut short or failed"
+
+    study = optuna.load_study(study_name="glint", storage=f"sqlite:///{tmp_path}/outputs/optuna/glint.db")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, "n_trials=3; the pre-empted trial counted once"
+    assert not [t.number for t in trials if CUT_SHORT_ATTR in t.user_attrs or "glint_retry_of" in t.user_attrs]
+    sweep_dir = next((tmp_path / "outputs/multirun").glob("*/*"))
+    jobs = []
+    for trial in trials:
+        folder = sweep_dir / str(trial.number)
+        assert (trial.user_attrs[SWEEP_DIR_ATTR], trial.user_attrs[JOB_NUM_ATTR]) == (str(sweep_dir), trial.number)
+        overrides = list(OmegaConf.load(folder / ".hydra/overrides.yaml"))
+        assert f"optimizer.lr={trial.params['optimizer.lr']}" in overrides, "the job ran its trial's parameters"
+        summary = json.loads((folder / "metrics.json").read_text())
+        assert (summary["epochs"], summary["global_step"]) == (2, 12)
+        assert trial.value == summary["best_score"], f"trial {trial.number} was told what its job returned"
+        job = OmegaConf.load(folder / ".hydra/hydra.yaml").hydra.job.id  # <array job>_<task> in an array
+        log = "".join(p.read_text() for p in sorted(sweep_dir.glob(f".submitit/{job}/*_log.*")))
+        assert f"run dir:         {folder}" in log, f"trial {trial.number}'s SLURM job {job} trained it"
+        jobs.append(job)
+    array = held.split("_")[0]  # the first batch: an array job of 2 tasks; the second, of 1 trial, a plain job
+    assert jobs[:2] == [held, f"{array}_1"] and jobs[2].isdigit() and int(jobs[2]) > int(array), jobs
+    assert trials[2].datetime_start > max(t.datetime_complete for t in trials[:2]), "asked after 0 and 1 were told"
+    assert [slurm_cluster.job(job)["Restarts"] for job in jobs] == ["1", "0", "0"]
+
+    log = "".join(p.read_text() for p in sorted(sweep_dir.glob(f".submitit/{held}/*_log.*")))
+    last = sweep_dir / "0/checkpoints/last.ckpt"
+    assert f"SIGTERM: saved a resumable checkpoint at epoch 1, step 8: {last}" in log, log[-3000:]
+    assert f"SLURM job {held} (restart 1): resuming from {last} (epoch 1, step 8)" in log, log[-3000:]
+    assert log.count("run dir:") == 1, "the pre-empted run returned nothing; its requeued run finished the trial"
 
 
 @pytest.mark.slow
