@@ -27,12 +27,18 @@ $(STAMP): pyproject.toml requirements.lock
 train: $(STAMP)
 	$(PY) -m glint_lightning.train experiment=quickstart $(ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+# Two pytest-xdist workers keep both cores busy (much of the suite waits on one single-threaded subprocess at a
+# time), each with one torch thread: two workers of two threads on two cores slow each other down many times.
+# The SLURM tests share one worker (--dist loadgroup). JOBS=0 runs everything in one process.
+JOBS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadgroup
 
-# The edit-test loop: everything but the end-to-end runs marked slow.
+test: $(STAMP)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# The edit-test loop: everything but the trainings and subprocesses marked slow.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
 
 # Refresh requirements.lock to the newest releases pyproject.toml allows (torch capped by lock-constraints.txt to
 # the builds on this machine's disk); commit it with the change that needed it.

@@ -20,7 +20,11 @@ from tests.helpers import EXACT, REPO, TINY, TINY_MODEL
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` skip cleanly (with the reason) on machines without CUDA."""
+    """Tests marked `gpu` skip cleanly (with the reason) on machines without CUDA. Under pytest-xdist
+    (`--dist loadgroup`, as `make test` runs) the SLURM tests share one worker, so one local cluster serves them."""
+    for item in items:
+        if item.path.name == "test_slurm.py":
+            item.add_marker(pytest.mark.xdist_group("slurm"))
     import torch
 
     if torch.cuda.is_available():
