@@ -26,10 +26,12 @@ from glint_lightning.runs.planning import (
     EVAL_OVERHEAD,
     FIT_START_S,
     LIGHTNING_STEP_OVERHEAD,
+    MAX_VALIDATIONS,
     MIN_TILES,
     POSTPROCESS_S_PER_MPX,
     TARGET,
     TEST_OVERHEAD,
+    VALIDATION_SHARE,
     Budget,
     Choice,
     choose_batch,
@@ -294,7 +296,8 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
         Choice(
             "trainer.check_val_every_n_epoch",
             budget.validate_every,
-            f"{budget.validations} validations of {budget.validation_s:.1f} s each (at most 8)",
+            f"{budget.validations} validations of {budget.validation_s:.1f} s each (at most {MAX_VALIDATIONS}, in at "
+            f"most {VALIDATION_SHARE:.0%} of the training time; the last one at the end)",
         ),
         Choice("trainer.log_every_n_steps", min(10, budget.steps_per_epoch), "at least one logged step an epoch"),
         Choice("trainer.num_sanity_val_steps", 0, "no sanity pass: it costs a validation"),

@@ -18,6 +18,8 @@ import glint_lightning.plan as plan_app
 from glint_lightning.data import GlintDataModule
 from glint_lightning.data.fingerprint import fingerprint
 from glint_lightning.runs.planning import (
+    TARGET,
+    VALIDATION_SHARE,
     Budget,
     choose_batch,
     choose_depth,
@@ -184,7 +186,10 @@ def test_clip_and_post_processing_rules() -> None:
 
 def test_budget_is_filled_and_a_budget_without_room_for_an_epoch_is_refused() -> None:
     b = solve_budget(Budget(120, 10, 3, 0.05, 2, 3, 4), n_train=1000, batch=8)
-    assert b.planned_s <= 120 * 0.95 + 1e-6 and b.planned_s >= 120 * 0.95 - b.step_s * b.epochs - b.validation_s
+    assert b.planned_s <= 120 * TARGET + 1e-6 and b.planned_s >= 120 * TARGET - b.step_s * b.epochs - b.validation_s
+    room = 120 * TARGET - 10 - 3 - 3 - 4
+    assert b.validations * b.validation_s <= max(VALIDATION_SHARE * room, b.validation_s)  # 5 %: two rounds of 2 s
+    assert b.validations == 2 and b.epochs % b.validate_every == 0
     assert b.steps == b.epochs * b.steps_per_epoch and b.steps_per_epoch <= 125
     with pytest.raises(GlintError, match="too small for one epoch"):
         solve_budget(Budget(20, 10, 3, 0.05, 2, 3, 4), n_train=1000, batch=8)
