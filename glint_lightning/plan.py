@@ -44,7 +44,7 @@ from glint_lightning.runs.planning import (
     postprocess_choice,
     schedule,
     solve_budget,
-    steps_wanted,
+    tiles_wanted,
 )
 from glint_lightning.runs.step_timing import StepTiming, eval_tiles_per_s, resolve_device, time_steps
 from glint_lightning.utils.cli import hydra_app
@@ -259,7 +259,7 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
         Choice(
             "model.base_channels",
             base,
-            f"widest that gets {steps_wanted(base)} steps in the budget (timed: {speeds})",
+            f"widest that sees {tiles_wanted(base)} training tiles (steps x batch) in the budget (timed: {speeds})",
         ),
         Choice(
             "channels_last",

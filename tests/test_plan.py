@@ -29,7 +29,7 @@ from glint_lightning.runs.planning import (
     postprocess_choice,
     receptive_field,
     solve_budget,
-    steps_wanted,
+    tiles_wanted,
 )
 from glint_lightning.runs.step_timing import StepTiming, resolve_device, time_steps
 from glint_lightning.train import train
@@ -158,16 +158,23 @@ def test_batch_rule_prefers_small_batches_while_the_device_is_busy() -> None:
     assert choose_batch(t).batch_size == 32  # a GPU-like device: 4x the tiles in the same time
 
 
-def test_width_rule_takes_the_widest_network_that_gets_enough_steps() -> None:
-    def widths(steps: dict[int, int]) -> dict:
-        t = StepTiming(0, 8, False, False, 0.1, 0.0)
+def test_width_rule_takes_the_widest_network_that_sees_enough_tiles() -> None:
+    def widths(steps: dict[int, int], batch: int = 8) -> dict:
+        t = StepTiming(0, batch, False, False, 0.1, 0.0)
         return {w: (t, Budget(60, 0, 0, 0.1, 0, 0, 0, steps=n)) for w, n in steps.items()}
 
-    assert steps_wanted(8) < steps_wanted(16) < steps_wanted(32) and steps_wanted(32) > 2 * steps_wanted(16)
-    assert choose_width(widths({8: 900, 16: steps_wanted(16), 32: steps_wanted(32) - 1})) == 16
-    assert choose_width(widths({8: 900, 16: steps_wanted(16) - 1})) == 8
-    assert choose_width(widths({16: 5000, 32: steps_wanted(32)})) == 32
-    assert choose_width(widths({8: 50, 16: 60})) == 8  # none gets enough: the most steps for its width
+    assert tiles_wanted(16) == 4 * tiles_wanted(8) and tiles_wanted(32) == 4 * tiles_wanted(16)  # grows as width^2
+    want = {w: tiles_wanted(w) // 8 for w in (8, 16, 32)}  # in steps of batch 8
+    assert choose_width(widths({8: 3 * want[16], 16: want[16], 32: want[32] - 1})) == 16
+    assert choose_width(widths({8: 3 * want[16], 16: want[16] - 1})) == 8
+    assert choose_width(widths({16: 5 * want[32], 32: want[32]})) == 32
+    assert choose_width(widths({16: want[16] // 4, 32: want[32] // 4}, batch=32)) == 32  # batch 32: 4x the tiles
+    assert choose_width(widths({8: 50, 16: 60})) == 8  # none sees enough: the narrowest, whatever its steps
+    # the measured cases (runs/planning.py): demo at 26 s and at 77 s, sparse128 and blobs48 at 3 min
+    assert choose_width(widths({8: 696, 16: 540, 32: 146})) == 8
+    assert choose_width(widths({8: 2436, 16: 1926, 32: 650})) == 16
+    assert choose_width(widths({8: 1792, 16: 1182, 32: 348})) == 8
+    assert choose_width(widths({8: 3108 * 4, 16: 7264, 32: 2748})) == 16
 
 
 def test_focal_alpha_weighs_rare_glints_up() -> None:

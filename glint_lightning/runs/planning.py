@@ -5,7 +5,7 @@ The rules (nnU-Net's idea, planned for wall-clock time instead of a memory targe
   glints' extent, and the bottleneck keeps at least MIN_BOTTLENECK_PX pixels;
 - base channels and batch size from real training steps timed on the device: per width the smallest batch that
   keeps the device busy (within BUSY of the best tiles/s: more small steps beat fewer large ones at a fixed time),
-  then the widest network that still gets `steps_wanted(width)` optimizer steps in the budget;
+  then the widest network that still sees `tiles_wanted(width)` training tiles (steps x batch) in the budget;
 - steps, warm-up and a per-step cosine that fill the budget less the fixed costs (start-up, validations,
   calibration, test), `trainer.max_time` as the safety net;
 - depth clipped to the training depth's 0.5th/99.5th percentiles before normalising;
@@ -26,10 +26,13 @@ MIN_RECEPTIVE_PX = 48  # context beyond the glint itself (surface shape, noise),
 MAX_DEPTH = 5
 GLINT_CONTEXT = 3  # the receptive field spans this many times a large glint: the glint and its surroundings
 BUSY = 0.8  # a smaller batch is chosen while its tiles/s is at least this share of the best batch's
-# Steps a width wants before it beats a narrower one that gets more: up to 16 channels 16 a channel (demo set: base 16
-# reached 0.69 in 256 steps where base 8 reached 0.40), above 64 a channel (blobs48: base 32 in 1008 steps reached
-# 0.56 where base 16 in 2549 steps reached 0.78, same 100 s)
-STEPS_PER_CHANNEL, STEPS_PER_WIDE_CHANNEL, WIDE = 16, 64, 16
+# Training tiles a width wants before a wider network is worth its slower steps: TILES_PER_CHANNEL_SQ x width^2
+# (parameters and work per tile grow with width^2, and a larger network wants data in proportion). Measured at the same
+# wall time on the idle 2-core CPU (benchmarks/plan_budget.py layouts), narrower with more steps won where the wider one
+# saw fewer than 48 tiles a channel^2: demo 26 s, base 8 (696 steps of 8) 0.745 vs 16 (540) 0.722; sparse128 3 min,
+# 8 (1792) 0.938 vs 16 (1182, 37 a channel^2) 0.433; blobs48 3 min, 16 (~7000) 0.90 vs 32 (2748) 0.72; and lost where
+# it saw more: demo 77 s, 16 (1926, 60 a channel^2) 0.818 vs 8 (2436) 0.814
+TILES_PER_CHANNEL_SQ = 48
 MIN_TILES = 16  # fewer training tiles than this is not a data set to plan for
 MIN_STEPS = 100  # a "epoch" of a large set: at least this many steps, else the budget is too small
 MAX_VALIDATIONS = 8  # validation rounds in a run at most (each is a full pass over the val split)
@@ -163,17 +166,16 @@ def choose_batch(timings: list[StepTiming]) -> StepTiming:
     return min((t for t in timings if t.tiles_per_s >= BUSY * best), key=lambda t: t.batch_size)
 
 
-def steps_wanted(width: int) -> int:
-    """Optimizer steps a network of this base width wants in the budget before it is chosen over a narrower one."""
-    return width * (STEPS_PER_CHANNEL if width <= WIDE else STEPS_PER_WIDE_CHANNEL)
+def tiles_wanted(width: int) -> int:
+    """Training tiles (steps x batch) a network of this base width wants in the budget before it is chosen over a
+    narrower one."""
+    return TILES_PER_CHANNEL_SQ * width**2
 
 
 def choose_width(per_width: dict[int, tuple[StepTiming, Budget]]) -> int:
-    """The widest network that gets the steps it wants; else the one closest to them."""
-    enough = [w for w, (_, b) in per_width.items() if b.steps >= steps_wanted(w)]
-    if enough:
-        return max(enough)
-    return max(per_width, key=lambda w: per_width[w][1].steps / steps_wanted(w))
+    """The widest network that sees the training tiles it wants; else the narrowest (the most steps)."""
+    enough = [w for w, (t, b) in per_width.items() if b.steps * t.batch_size >= tiles_wanted(w)]
+    return max(enough) if enough else min(per_width)
 
 
 def learning_rate(batch: int) -> float:
