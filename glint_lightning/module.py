@@ -5,7 +5,7 @@ with `torch.load(weights_only=True)`."""
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
@@ -80,6 +80,8 @@ class GlintModule(L.LightningModule):
         self.val_metrics = pixel_metrics("val", threshold, ap_bins)
         self.test_metrics = pixel_metrics("test", threshold, ap_bins)
         self.test_objects = ObjectMetric(threshold)  # glint-level counts: CPU work per tile, so test stage only
+        # what the end-of-run calibration chose to do to thresholded test masks (a PostProcess's `apply`), as eval does
+        self.test_postprocess: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def set_threshold(self, threshold: float) -> None:
         """Use a (calibrated) probability threshold for the metrics and for inference from now on."""
@@ -157,7 +159,9 @@ class GlintModule(L.LightningModule):
         self, batch: dict[str, torch.Tensor], stage: str, metrics: MetricCollection, objects: ObjectMetric | None = None
     ) -> dict[str, torch.Tensor]:
         """The shared scoring path (scoring.score_batch), logged under `stage`."""
-        loss, logits, _ = score_batch(self, batch, self.loss_fn, float(self.hparams.threshold), metrics, objects)
+        post = self.test_postprocess if stage == "test" else None
+        threshold = float(self.hparams.threshold)
+        loss, logits, _ = score_batch(self, batch, self.loss_fn, threshold, metrics, objects, postprocess=post)
         n, bar = batch["depth"].shape[0], stage == "val"
         self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=bar, batch_size=n, sync_dist=True)
         self.log_dict(metrics, on_epoch=True, prog_bar=bar)

@@ -28,6 +28,8 @@ from glint_lightning.callbacks.optuna_pruning import OptunaPruning
 from glint_lightning.checkpoints.io import remove_stale_temporaries
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.inference.calibration import calibrate_postprocess, calibrate_threshold, write_threshold
+from glint_lightning.inference.loading import checkpoint_postprocess
+from glint_lightning.inference.postprocess import PostProcess
 from glint_lightning.metrics import check_metric
 from glint_lightning.models.common import check_network
 from glint_lightning.module import WEIGHT_SOURCE_KEYS, GlintModule
@@ -213,7 +215,10 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> float | No
     if (cfg.get("calibrate_threshold") or cfg.get("calibrate_postprocess")) and summary["best_checkpoint"]:
         if trainer.is_global_zero:
             summary["threshold"] = _calibrate(module, datamodule, summary, bool(cfg.get("calibrate_postprocess")))
-        trainer.strategy.barrier()  # the other ranks test with the threshold rank 0 stored in the checkpoint
+        trainer.strategy.barrier()
+        if not trainer.is_global_zero:  # the other ranks test with what rank 0 stored in the best checkpoint
+            stored = load_checkpoint(summary["best_checkpoint"])
+            _use_calibration(module, stored["threshold_calibration"]["threshold"], checkpoint_postprocess(stored))
     if cfg.get("test") and datamodule.has_split("test"):
         best = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
@@ -258,17 +263,24 @@ def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any], po
     module.load_state_dict(best["state_dict"])
     loader = datamodule.eval_loader("val", shard=False)
     result: dict[str, Any] = {}
+    chosen = PostProcess()  # none
     if postprocess:
         cal = calibrate_postprocess(module, loader, module.device)
-        threshold, f1, record = cal.threshold, cal.val_f1, cal.selection.record()
+        threshold, f1, record, chosen = cal.threshold, cal.val_f1, cal.selection.record(), cal.selection.postprocess
         result = {"postprocess": record, "selection": cal.selection.describe()}
     else:
         (threshold, f1), record = calibrate_threshold(module, loader, module.device), None
     weights = {"checkpoint": best_path.name, "epoch": best.get("epoch"), "global_step": best.get("global_step")}
     for path in {summary["best_checkpoint"], summary["last_checkpoint"]} - {None}:
         write_threshold(path, threshold, f1, {**weights, "role": "best"}, postprocess=record)
-    module.set_threshold(threshold)
+    _use_calibration(module, threshold, chosen)
     return {"value": threshold, "val_f1": f1, **result}
+
+
+def _use_calibration(module: GlintModule, threshold: float, post: PostProcess) -> None:
+    """The end-of-run test scores as glint-eval does with the stored calibration: its threshold and post-processing."""
+    module.set_threshold(threshold)
+    module.test_postprocess = post.apply if post.active else None
 
 
 def _why_no_checkpoint(trainer: L.Trainer, best_cb: ModelCheckpoint | None, metric: str) -> str:

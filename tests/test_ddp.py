@@ -43,11 +43,22 @@ def test_two_cpu_ranks_train_disjoint_shards_to_identical_weights_and_resume(tmp
         "+callbacks.report._target_=tests.helpers.RankReport",
         f"+callbacks.report.out={tmp_path}/second",
     ]
+    tested = ["test=true", "calibrate_postprocess=true"]  # the end-of-run calibration and test
     res = run_cli(
-        "glint_lightning.train", *DDP, "trainer.max_epochs=2", "ckpt_path=last", *report, cwd=tmp_path, env=env
+        "glint_lightning.train", *DDP, "trainer.max_epochs=2", "ckpt_path=last", *report, *tested, cwd=tmp_path, env=env
     )
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((run / "metrics.json").read_text())
     assert (summary["epochs"], summary["global_step"]) == (2, 2 * 3), "one more epoch of 24 tiles / 8 per step"
     ranks = [json.loads((tmp_path / f"second/rank{r}.json").read_text()) for r in (0, 1)]
     assert list(ranks[0]["tiles"]) == ["1"] and ranks[0]["weights"] == ranks[1]["weights"]
+
+    # both ranks test with the threshold and post-processing rank 0 calibrated: glint-eval's figures in one process
+    out = tmp_path / "eval"
+    args = [f"ckpt_path={summary['best_checkpoint']}", f"out={out}", "trusted_targets=[tests.]"]
+    res = run_cli("glint_lightning.eval", *args, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scored = json.loads((out / "metrics.json").read_text())
+    assert scored["threshold"] == summary["threshold"]["value"] != 0.5, "a calibrated threshold, not the default"
+    for key in ("test/iou", "test/f1", "test/precision", "test/recall", "test/object_f1"):
+        assert summary["test"][key] == pytest.approx(scored[key], abs=1e-6), key

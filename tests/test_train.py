@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import glint_lightning.train as train_module
 from glint_lightning.ckpt_info import describe, format_info
 from glint_lightning.eval import evaluate
 from glint_lightning.inference.loading import stored_postprocess
@@ -343,6 +344,32 @@ def test_resume_with_another_optimizer_starts_its_state_fresh(make_cfg, tmp_path
     state = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
     assert state["param_groups"][0]["momentum"] == 0.9
     assert all(set(s) == {"momentum_buffer"} for s in state["state"].values()), "no Adam moments carried into SGD"
+
+
+def test_end_of_run_test_scores_with_the_calibrated_post_processing(make_cfg, tmp_path, monkeypatch):
+    """The summary's test figures are glint-eval's on the test split with what the calibration stored."""
+    real = train_module.calibrate_postprocess
+
+    def remove_everything(*args, **kwargs):  # a kept post-processing that visibly changes the test masks
+        cal = real(*args, **kwargs)
+        cal.selection.postprocess = PostProcess(min_size=10_000)  # larger than a tile: no glint survives
+        return cal
+
+    monkeypatch.setattr(train_module, "calibrate_postprocess", remove_everything)
+    train(make_cfg("trainer.max_epochs=1", "calibrate_postprocess=true"))
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert summary["threshold"]["postprocess"]["min_size"] == 10_000
+
+    def scored(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            args = [f"ckpt_path={summary['best_checkpoint']}", "split=test", f"out={tmp_path / 'e'}", *overrides]
+            return evaluate(compose("eval", overrides=args))
+
+    stored, without = scored(), scored("postprocess.min_size=0", "postprocess.fill_holes=false")
+    assert stored["postprocess"]["source"] == "stored" and without["test/iou"] > 0, "the masks it removes exist"
+    for key in ("test/iou", "test/f1", "test/precision", "test/recall", "test/object_f1"):
+        assert summary["test"][key] == pytest.approx(stored[key], abs=1e-6), key
+    assert summary["test"]["test/iou"] == 0.0 and summary["test"]["test/ap"] == pytest.approx(without["test/ap"])
 
 
 def test_calibrate_postprocess_stores_what_glint_eval_calibrate_stores(make_cfg, tmp_path, capsys):
