@@ -28,7 +28,6 @@ from glint_lightning.callbacks.optuna_pruning import OptunaPruning
 from glint_lightning.checkpoints.io import remove_stale_temporaries
 from glint_lightning.checkpoints.reader import load_checkpoint
 from glint_lightning.inference.calibration import calibrate_postprocess, calibrate_threshold, write_threshold
-from glint_lightning.inference.loading import checkpoint_postprocess
 from glint_lightning.inference.postprocess import PostProcess
 from glint_lightning.metrics import check_metric
 from glint_lightning.models.common import check_network
@@ -213,12 +212,16 @@ def _train(cfg: DictConfig, run_dir: Path, ckpt_path: Path | None) -> float | No
         **OptunaPruning.summary(trainer),  # pruned_at_epoch: an Optuna pruner stopped this trial
     }
     if (cfg.get("calibrate_threshold") or cfg.get("calibrate_postprocess")) and summary["best_checkpoint"]:
+        chosen = None
         if trainer.is_global_zero:
-            summary["threshold"] = _calibrate(module, datamodule, summary, bool(cfg.get("calibrate_postprocess")))
-        trainer.strategy.barrier()
-        if not trainer.is_global_zero:  # the other ranks test with what rank 0 stored in the best checkpoint
-            stored = load_checkpoint(summary["best_checkpoint"])
-            _use_calibration(module, stored["threshold_calibration"]["threshold"], checkpoint_postprocess(stored))
+            summary["threshold"], chosen = _calibrate(
+                module, datamodule, summary, bool(cfg.get("calibrate_postprocess"))
+            )
+        # every rank tests with rank 0's choice, as glint-eval scores with the stored one (the broadcast also waits for
+        # rank 0 to have written the checkpoints)
+        threshold, post = trainer.strategy.broadcast(chosen, src=0)
+        module.set_threshold(threshold)
+        module.test_postprocess = post.apply if post.active else None
     if cfg.get("test") and datamodule.has_split("test"):
         best = best_cb.best_model_path if best_cb and best_cb.best_model_path else None
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
@@ -254,10 +257,13 @@ def _interrupted(trainer: L.Trainer, run_dir: Path) -> Interrupted:
     )
 
 
-def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any], postprocess: bool) -> dict[str, Any]:
+def _calibrate(
+    module: GlintModule, datamodule: Any, summary: dict[str, Any], postprocess: bool
+) -> tuple[dict[str, Any], tuple[float, PostProcess]]:
     """Pick the threshold maximising val F1 with the best weights (with `postprocess`, also the post-processing
     maximising val IoU, as glint-eval calibrate=true); store them in the best and last checkpoints, each saying it
-    came from the best weights (last.ckpt may hold later ones)."""
+    came from the best weights (last.ckpt may hold later ones). Returns the summary's record and (threshold,
+    post-processing)."""
     best_path = Path(summary["best_checkpoint"])
     best = load_checkpoint(best_path)
     module.load_state_dict(best["state_dict"])
@@ -273,14 +279,7 @@ def _calibrate(module: GlintModule, datamodule: Any, summary: dict[str, Any], po
     weights = {"checkpoint": best_path.name, "epoch": best.get("epoch"), "global_step": best.get("global_step")}
     for path in {summary["best_checkpoint"], summary["last_checkpoint"]} - {None}:
         write_threshold(path, threshold, f1, {**weights, "role": "best"}, postprocess=record)
-    _use_calibration(module, threshold, chosen)
-    return {"value": threshold, "val_f1": f1, **result}
-
-
-def _use_calibration(module: GlintModule, threshold: float, post: PostProcess) -> None:
-    """The end-of-run test scores as glint-eval does with the stored calibration: its threshold and post-processing."""
-    module.set_threshold(threshold)
-    module.test_postprocess = post.apply if post.active else None
+    return {"value": threshold, "val_f1": f1, **result}, (threshold, chosen)
 
 
 def _why_no_checkpoint(trainer: L.Trainer, best_cb: ModelCheckpoint | None, metric: str) -> str:
