@@ -210,7 +210,7 @@ def make_plan(cfg: DictConfig, dm: Any, fp: dict[str, Any], device: torch.device
             test_s=(n_test / tps * TEST_OVERHEAD + CKPT_S) if n_test else 0.0,
             modelled=[
                 f"fit start {fit_start:g} s",
-                f"Lightning's loop x{LIGHTNING_STEP_OVERHEAD}",
+                f"the training loop x{LIGHTNING_STEP_OVERHEAD} of the timed step (measured on a 2-core CPU)",
                 f"validation x{EVAL_OVERHEAD} and test x{TEST_OVERHEAD} of the timed forward passes",
                 f"checkpoint loads {CKPT_S:g} s",
                 *([f"post-processing search {POSTPROCESS_S_PER_MPX:g} s per million val pixels"] if post.value else []),
